@@ -1,0 +1,582 @@
+"""Deep Delta Learning (DDL) decoder: a Llama-style backbone whose residual additions are gated rank-1 rewrites.
+
+Each sublayer of `DDLDecoderLayer` runs Compress - Process - Rewrite:
+    x_in = compress(X)                   # (B, T, d) read of the state X (B, T, d, d_v)
+    c = RMSNorm(x_in); h = F(c)          # ordinary attention or SwiGLU MLP at width d
+    X = X + beta * k (v^T - k^T X)       # DDLDeltaResidual: k from h, v and beta from c
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_ddl import DDLConfig
+from .delta_ops import delta_update, write_only_update
+
+# Slots of the token-convolution states in each cache layer.
+ATTN_CONV_STATE, MLP_CONV_STATE, EMBEDDING_CONV_STATE = 0, 1, 2
+
+
+class DDLRMSNorm(LlamaRMSNorm):
+    pass
+
+
+class DDLRotaryEmbedding(LlamaRotaryEmbedding):
+    pass
+
+
+class DDLMLP(nn.Module):
+    """SwiGLU feed-forward block, as in Llama."""
+
+    def __init__(self, config: DDLConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DDLAttention(nn.Module):
+    """Multi-head attention with grouped-query heads, rotary embeddings and optional query/key RMSNorm."""
+
+    def __init__(self, config: DDLConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.use_qk_norm:
+            self.q_norm = DDLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = DDLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape)  # (B, T, H, head_dim)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        if self.q_norm is not None:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states = query_states.transpose(1, 2)  # (B, H, T, head_dim)
+        key_states = key_states.transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, d)
+        return self.o_proj(attn_output), attn_weights
+
+
+class DDLCausalTokenConv(nn.Module):
+    """Causal depthwise convolution along tokens, `(B, T, in_channels) -> (B, T, out_channels)`.
+
+    Each input channel feeds `out_channels // in_channels` outputs. Positions where `token_mask` is 0 (padding) are
+    zeroed before the convolution, so padding reads like the zeros before the first token. With a cache, the last
+    `kernel_size - 1` inputs are kept in the cache's convolution state `state_idx` of layer `layer_idx`.
+    Initialised to the identity on the current token (every output copies its input channel).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, layer_idx: int, state_idx: int):
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.layer_idx, self.state_idx = layer_idx, state_idx
+        self.weight = nn.Parameter(torch.empty(out_channels, 1, kernel_size))
+
+    def forward(
+        self, x: torch.Tensor, cache: Cache | None = None, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if token_mask is not None:
+            x = x * token_mask.unsqueeze(-1).to(x.dtype)
+        x = x.transpose(1, 2)  # (B, in_channels, T)
+        history = self.kernel_size - 1
+        if cache is not None and history > 0:
+            has_history = cache.get_conv_state(self.layer_idx, self.state_idx) is not None
+            window = cache.update_conv_state(x, self.layer_idx, self.state_idx, conv_kernel_size=history)
+            if not has_history:
+                window = F.pad(x, (history, 0))
+        else:
+            window = F.pad(x, (history, 0))  # (B, in_channels, history + T)
+        out = F.conv1d(window, self.weight.to(x.dtype), groups=self.in_channels)  # (B, out_channels, T)
+        return out.transpose(1, 2)
+
+
+class DDLChannelCompressor(nn.Module):
+    """CC: per-feature mixing over the value channels of the current token, `(B, T, d, d_v) -> (B, T, d)`.
+
+    Also used as the final readout of the state."""
+
+    def __init__(self, config: DDLConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.hidden_size, config.value_channels))
+
+    def forward(self, state: torch.Tensor, cache: Cache | None = None, token_mask: torch.Tensor | None = None):
+        return (state * self.weight.to(state.dtype)).sum(-1)
+
+
+class DDLTokenCompressor(nn.Module):
+    """TC: causal depthwise token convolution over all `d * d_v` channels, then a read vector over `d_v`."""
+
+    def __init__(self, config: DDLConfig, layer_idx: int, state_idx: int):
+        super().__init__()
+        channels = config.hidden_size * config.value_channels
+        self.token_conv = DDLCausalTokenConv(channels, channels, config.state_conv_kernel_size, layer_idx, state_idx)
+        self.read = nn.Parameter(torch.empty(config.value_channels))
+
+    def forward(self, state: torch.Tensor, cache: Cache | None = None, token_mask: torch.Tensor | None = None):
+        batch, seq_len, hidden, value_channels = state.shape
+        mixed = self.token_conv(state.reshape(batch, seq_len, hidden * value_channels), cache, token_mask)
+        mixed = mixed.view(batch, seq_len, hidden, value_channels)
+        return mixed @ self.read.to(state.dtype)  # (B, T, d)
+
+
+class DDLEmbeddingExpansion(nn.Module):
+    """EC: the initial state `(B, T, d, d_v)` from the embedding `(B, T, d)` by a causal depthwise token convolution.
+
+    Initialised so that it repeats the embedding across the `d_v` channels."""
+
+    def __init__(self, config: DDLConfig):
+        super().__init__()
+        self.value_channels = config.value_channels
+        hidden = config.hidden_size
+        self.token_conv = DDLCausalTokenConv(
+            hidden, hidden * config.value_channels, config.embedding_conv_kernel_size, 0, EMBEDDING_CONV_STATE
+        )
+
+    def forward(self, embeds: torch.Tensor, cache: Cache | None = None, token_mask: torch.Tensor | None = None):
+        expanded = self.token_conv(embeds, cache, token_mask)  # (B, T, d * d_v)
+        return expanded.unflatten(-1, (embeds.shape[-1], self.value_channels))
+
+
+class DDLGateProjection(nn.Linear):
+    """The gate's output layer `g`; its bias starts at `logit(beta_init / 2)` (see `_init_weights`)."""
+
+
+class DDLDeltaResidual(nn.Module):
+    """The residual rewrite of one sublayer: `X + beta * k (v^T - k^T X)` (or the additive / write-only control).
+
+    `k` is the normalised sublayer output `h`; the target `v` and the gate `beta = 2 sigmoid(g(c))` are computed from
+    the normalised context `c` that the sublayer read."""
+
+    def __init__(self, config: DDLConfig):
+        super().__init__()
+        self.residual_mode = config.residual_mode
+        self.value_activation = config.value_activation
+        self.value_scale = config.value_scale
+        self.eps = config.direction_eps
+        if self.residual_mode == "additive":
+            return
+        self.value_proj = nn.Linear(
+            config.hidden_size, config.value_channels, bias=config.value_activation == "sigmoid"
+        )
+        gate_input = config.hidden_size
+        if config.beta_hidden_size is not None:
+            self.beta_hidden = nn.Linear(config.hidden_size, config.beta_hidden_size, bias=False)
+            gate_input = config.beta_hidden_size
+        else:
+            self.beta_hidden = None
+        self.beta_proj = DDLGateProjection(gate_input, 1, bias=True)
+
+    def gate(self, context: torch.Tensor) -> torch.Tensor:
+        """`beta = 2 sigmoid(g(c))` in float32, shape `(..., 1)`, in (0, 2)."""
+        context = context.float()
+        if self.beta_hidden is not None:
+            context = torch.tanh(F.linear(context, self.beta_hidden.weight.float()))
+        logits = F.linear(context, self.beta_proj.weight.float(), self.beta_proj.bias.float())
+        return 2.0 * torch.sigmoid(logits)
+
+    def target(self, context: torch.Tensor) -> torch.Tensor:
+        """The value `v`, shape `(..., d_v)`."""
+        value = self.value_proj(context)
+        if self.value_activation == "sigmoid":
+            value = self.value_scale * torch.sigmoid(value)
+        return value
+
+    def forward(self, state: torch.Tensor, sublayer_output: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.residual_mode == "additive":
+            return state + (sublayer_output if state.dim() == sublayer_output.dim() else sublayer_output.unsqueeze(-1))
+        update = write_only_update if self.residual_mode == "write_only" else delta_update
+        return update(state, sublayer_output, self.target(context), self.gate(context), self.eps)
+
+
+def build_state_compressor(config: DDLConfig, layer_idx: int, state_idx: int) -> nn.Module | None:
+    """The module that reads the state down to width d before a sublayer (None for the scalar state)."""
+    if not config.expanded_state:
+        return None
+    if config.state_compressor == "token":
+        return DDLTokenCompressor(config, layer_idx, state_idx)
+    return DDLChannelCompressor(config)
+
+
+class DDLDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DDLConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DDLAttention(config, layer_idx)
+        self.mlp = DDLMLP(config)
+        self.input_layernorm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn_state_compressor = build_state_compressor(config, layer_idx, ATTN_CONV_STATE)
+        self.mlp_state_compressor = build_state_compressor(config, layer_idx, MLP_CONV_STATE)
+        self.attn_residual = DDLDeltaResidual(config)
+        self.mlp_residual = DDLDeltaResidual(config)
+
+    @staticmethod
+    def _read_state(compressor, state, cache, token_mask) -> torch.Tensor:
+        return state if compressor is None else compressor(state, cache, token_mask)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        token_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        state = hidden_states  # (B, T, d) or (B, T, d, d_v)
+
+        # Self attention
+        context = self.input_layernorm(self._read_state(self.attn_state_compressor, state, cache, token_mask))
+        attn_output, _ = self.self_attn(
+            hidden_states=context,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        state = self.attn_residual(state, attn_output, context)  # was: residual + attn_output
+
+        # Fully connected
+        context = self.post_attention_layernorm(self._read_state(self.mlp_state_compressor, state, cache, token_mask))
+        mlp_output = self.mlp(context)
+        state = self.mlp_residual(state, mlp_output, context)  # was: residual + mlp_output
+        return state
+
+
+class DDLPreTrainedModel(PreTrainedModel):
+    config: DDLConfig
+    config_class = DDLConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DDLDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": DDLDecoderLayer,
+        "attentions": DDLAttention,
+    }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual; the `auto_map` names both Auto classes so either loads the folder as remote code."""
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", "modeling_ddl.DDLModel")
+            auto_map.setdefault("AutoModelForCausalLM", "modeling_ddl.DDLForCausalLM")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        config = self.config
+        if isinstance(module, DDLGateProjection):
+            half_beta = min(max(config.beta_init / 2.0, 5e-5), 1.0 - 5e-5)
+            init.constant_(module.bias, math.log(half_beta / (1.0 - half_beta)))
+        elif isinstance(module, DDLChannelCompressor):
+            init.constant_(module.weight, 1.0 / config.value_channels)
+        elif isinstance(module, DDLTokenCompressor):
+            init.constant_(module.read, 1.0 / config.value_channels)
+        elif isinstance(module, DDLCausalTokenConv):
+            identity = torch.zeros_like(module.weight)
+            identity[..., -1] = 1.0
+            init.copy_(module.weight, identity)
+
+
+class DDLModel(DDLPreTrainedModel):
+    def __init__(self, config: DDLConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.embedding_expansion = DDLEmbeddingExpansion(config) if config.uses_embedding_expansion else None
+        self.layers = nn.ModuleList(
+            [DDLDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.state_readout = DDLChannelCompressor(config) if config.expanded_state else None
+        self.norm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DDLRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+
+        self.post_init()
+
+    def initial_state(
+        self, inputs_embeds: torch.Tensor, cache: Cache | None = None, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The residual state entering the first layer: `(B, T, d)` or `(B, T, d, d_v)`."""
+        if not self.config.expanded_state:
+            return inputs_embeds
+        if self.embedding_expansion is not None:
+            return self.embedding_expansion(inputs_embeds, cache, token_mask)
+        return inputs_embeds.unsqueeze(-1).expand(*inputs_embeds.shape, self.config.value_channels)
+
+    def _check_cache(self, cache: Cache | None) -> None:
+        if cache is None or "hybrid" not in self.config.layer_types:
+            return
+        if len(cache.layers) < self.config.num_hidden_layers or not all(
+            isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers
+        ):
+            raise ValueError(
+                "This DDL model keeps token-convolution states in its cache (token compression or embedding "
+                "expansion), but the cache given has no room for them. Pass `DynamicCache(config=model.config)` "
+                "or let the model create its cache."
+            )
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, d)
+
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        self._check_cache(cache)
+
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        # 2D padding mask of the current tokens, for the token convolutions
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -inputs_embeds.shape[1] :]
+
+        state = self.initial_state(inputs_embeds, cache, token_mask)  # (B, T, d) or (B, T, d, d_v)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            state = decoder_layer(
+                state,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                token_mask=token_mask,
+                **kwargs,
+            )
+
+        hidden_states = state if self.state_readout is None else self.state_readout(state)  # (B, T, d)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+class DDLForCausalLM(DDLPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: DDLConfig):
+        super().__init__(config)
+        self.model = DDLModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    @classmethod
+    def from_llama(cls, model_or_path, **config_overrides) -> "DDLForCausalLM":
+        """Build a DDL model from a `LlamaForCausalLM` (an object, or a path or Hub id to load), copying every
+        backbone weight (embeddings, attention, MLP, norms, LM head); DDL-only parameters get their usual
+        initialisation. Biases, non-SiLU activations and `pretraining_tp > 1` are not supported.
+
+        What the conversion preserves: with `residual_mode="additive"`, `value_channels=1` and
+        `use_qk_norm=False` the result computes the same function as the Llama model. In any other setting the
+        backbone weights are kept but the function changes (query/key norms start as plain RMSNorm, the delta
+        rewrite replaces the additions, the state is expanded), so the model is a warm start to fine-tune, not a
+        copy.
+        """
+        from transformers import LlamaForCausalLM
+
+        llama = model_or_path
+        if not isinstance(llama, PreTrainedModel):
+            llama = LlamaForCausalLM.from_pretrained(model_or_path, dtype=torch.float32)
+        llama_config = llama.config
+        if getattr(llama_config, "attention_bias", False) or getattr(llama_config, "mlp_bias", False):
+            raise ValueError("from_llama: Llama models with attention_bias or mlp_bias are not supported.")
+        if getattr(llama_config, "hidden_act", "silu") != "silu" or getattr(llama_config, "pretraining_tp", 1) > 1:
+            raise ValueError("from_llama: only SiLU Llama models with pretraining_tp=1 are supported.")
+        backbone = {
+            key: getattr(llama_config, key)
+            for key in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "max_position_embeddings",
+                "rms_norm_eps",
+                "initializer_range",
+                "tie_word_embeddings",
+                "rope_parameters",
+                "attention_dropout",
+                "pad_token_id",
+                "bos_token_id",
+                "eos_token_id",
+            )
+        }
+        config = DDLConfig(**{**backbone, **config_overrides})
+        model = cls(config).to(dtype=llama.dtype)
+        missing, unexpected = model.load_state_dict(llama.state_dict(), strict=False)
+        if unexpected:
+            raise ValueError(f"from_llama: Llama weights with no place in the DDL model: {unexpected}")
+        backbone_missing = [key for key in missing if _is_backbone_key(key)]
+        if backbone_missing and not (config.tie_word_embeddings and backbone_missing == ["lm_head.weight"]):
+            raise ValueError(f"from_llama: backbone weights missing from the Llama checkpoint: {backbone_missing}")
+        if hasattr(llama, "generation_config"):
+            model.generation_config = llama.generation_config
+        return model
+
+
+def _is_backbone_key(key: str) -> bool:
+    ddl_parts = ("residual", "state_compressor", "embedding_expansion", "state_readout", "q_norm", "k_norm")
+    return not any(part in key for part in ddl_parts)
+
+
+__all__ = [
+    "DDLAttention",
+    "DDLChannelCompressor",
+    "DDLDecoderLayer",
+    "DDLDeltaResidual",
+    "DDLEmbeddingExpansion",
+    "DDLForCausalLM",
+    "DDLModel",
+    "DDLPreTrainedModel",
+    "DDLTokenCompressor",
+]

@@ -1,0 +1,36 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from ddl_transformers import PRESETS, DDLForCausalLM, preset_config  # noqa: E402
+
+ALL_PRESETS = list(PRESETS)
+TEST_VOCAB = 96
+
+
+def tiny_config(name: str, **overrides):
+    """The `tiny` size with a small vocabulary and a pad token, for fast CPU tests."""
+    defaults = {"vocab_size": TEST_VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    return preset_config(name, "tiny", **{**defaults, **overrides})
+
+
+def perturbed_model(name: str, seed: int = 0, scale: float = 0.2, **overrides) -> DDLForCausalLM:
+    """A tiny model whose every parameter is moved off its initial value (identity convolutions, the zero pad
+    embedding and unit norms would otherwise hide cache and padding bugs)."""
+    torch.manual_seed(seed)
+    model = DDLForCausalLM(tiny_config(name, **overrides))
+    with torch.no_grad():
+        for param in model.parameters():
+            spread = max(param.std().item() if param.numel() > 1 else 1.0, 0.1)
+            param.add_(scale * spread * torch.randn_like(param))
+    return model.eval()
+
+
+@pytest.fixture(params=ALL_PRESETS)
+def preset_name(request) -> str:
+    return request.param
