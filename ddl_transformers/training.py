@@ -81,6 +81,11 @@ class DataArguments:
         default=None, metadata={"help": "Keep only the first rows of validation and test (for quick runs)."}
     )
     validation_split_percentage: int = field(default=5, metadata={"help": "Carved when a source has no split."})
+    eval_blocks: int | None = field(
+        default=None,
+        metadata={"help": "Validation blocks used by the periodic evaluation during training (all by default); "
+        "the final word-level evaluation always reads the whole validation and test text."},
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
     sample_prompt: str = field(default="the company said", metadata={"help": "Prompt of the greedy sample."})
     sample_tokens: int = field(default=24, metadata={"help": "Tokens in the greedy sample (0 to skip)."})
@@ -115,11 +120,30 @@ class DDLTrainingArguments(TrainingArguments):
     include_num_input_tokens_seen: str | bool = True
     dataloader_drop_last: bool = True
     seed: int = 0
+    push_hub_ready_folder: bool = field(
+        default=False,
+        metadata={
+            "help": "Set by --push_to_hub: at the end, the finished Hub-ready folder is pushed once, in one commit, "
+            "by `ddl_transformers.hub.push_folder` (Trainer itself pushes nothing)."
+        },
+    )
 
     def __post_init__(self):
         # Without an accelerator, `torchrun`/`accelerate launch` runs are only distributed (gloo DDP) with use_cpu.
         if not self.use_cpu and not torch.cuda.is_available() and not torch.backends.mps.is_available():
             self.use_cpu = True
+        if self.push_to_hub:
+            # Trainer would create the repo at start-up and push every save (checkpoints, training_args.bin) and the
+            # folder before its card exists; `run_training` pushes the complete folder once instead.
+            self.push_to_hub, self.push_hub_ready_folder = False, True
+        if self.push_hub_ready_folder and not self.hub_token:
+            from huggingface_hub import get_token
+
+            if not get_token():  # fail before hours of training, not after
+                raise ValueError(
+                    "--push_to_hub needs a Hugging Face token: log in with `hf auth login`, or set the HF_TOKEN "
+                    "environment variable, or pass --hub_token."
+                )
         super().__post_init__()
 
 
@@ -299,7 +323,7 @@ def run_training(
         model=model,
         args=training_args,
         train_dataset=blocks["train"],
-        eval_dataset=blocks["validation"],
+        eval_dataset=_first_rows(blocks["validation"], data_args.eval_blocks),
         processing_class=tokenizer,
         data_collator=causal_lm_collator,
         callbacks=callbacks,
@@ -316,9 +340,11 @@ def run_training(
         parameters=count_parameters(model),
     )
     trainer.save_metrics("train", metrics)
+    trainer.save_state()
     eval_metrics = perplexity_metrics(trainer.evaluate(), "eval")
     trainer.save_metrics("eval", eval_metrics)
-    test_metrics = perplexity_metrics(trainer.evaluate(blocks["test"], metric_key_prefix="test"), "test")
+    test_blocks = _first_rows(blocks["test"], data_args.eval_blocks)
+    test_metrics = perplexity_metrics(trainer.evaluate(test_blocks, metric_key_prefix="test"), "test")
     trainer.save_metrics("test", test_metrics)
 
     results = {**metrics, **eval_metrics, **test_metrics}
@@ -337,7 +363,25 @@ def run_training(
         )
         if data_args.sample_tokens > 0:
             results["sample"] = greedy_sample(model, tokenizer, data_args.sample_prompt, data_args.sample_tokens)
+    if (training_args.push_to_hub or getattr(training_args, "push_hub_ready_folder", False)) and (
+        trainer.is_world_process_zero()
+    ):
+        from .hub import push_folder
+
+        commit = push_folder(
+            training_args.output_dir,
+            training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir)),
+            private=bool(training_args.hub_private_repo),
+            revision=training_args.hub_revision,
+            token=training_args.hub_token,
+        )
+        results["hub_commit_url"] = str(commit)
+        print(f"Pushed {training_args.output_dir} to the Hub: {commit}")
     return results
+
+
+def _first_rows(dataset, count: int | None):
+    return dataset if count is None else dataset.select(range(min(count, len(dataset))))
 
 
 def evaluate_splits(

@@ -15,8 +15,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from transformers import HfArgumentParser
-
+from ddl_transformers.cli import parse_arguments, run_script
 from ddl_transformers.evaluation import (
     check_window,
     evaluate_perplexity,
@@ -61,7 +60,7 @@ class PerplexityArguments:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the evaluation grid, print the markdown table and return the records."""
-    (args,) = HfArgumentParser(PerplexityArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_arguments((PerplexityArguments,), argv)
     if args.max_length is not None and args.stride is not None:
         check_window(args.max_length, args.stride)
     benchmarks = [
@@ -93,7 +92,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    run_script(main)

@@ -7,21 +7,12 @@
     torchrun --nproc_per_node 2 scripts/train.py ...   # or: accelerate launch --config_file scripts/accelerate/ddp.yaml
 """
 
-import sys
-
-from transformers import HfArgumentParser
-
+from ddl_transformers.cli import parse_arguments, run_script
 from ddl_transformers.training import DataArguments, DDLTrainingArguments, ModelArguments, run_training
 
 
 def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, DDLTrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(sys.argv[1])
-    elif len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        model_args, data_args, training_args = parser.parse_yaml_file(sys.argv[1])
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    model_args, data_args, training_args = parse_arguments((ModelArguments, DataArguments, DDLTrainingArguments))
     results = run_training(model_args, data_args, training_args)
     if training_args.process_index == 0:
         print(f"\nvalidation perplexity (tokens): {results['eval_perplexity']:.2f}")
@@ -35,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

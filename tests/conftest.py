@@ -34,3 +34,22 @@ def perturbed_model(name: str, seed: int = 0, scale: float = 0.2, **overrides) -
 @pytest.fixture(params=ALL_PRESETS)
 def preset_name(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread, and far faster than two on a busy two-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def isolated_datasets_cache(tmp_path_factory):
+    """Keep the HF datasets cache of a test module in a temporary folder."""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
+        yield

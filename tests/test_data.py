@@ -26,12 +26,7 @@ PTB_WHITESPACE_WORDS = {"train": 887521, "validation": 70390, "test": 78669}
 PTB_FILE_BYTES = {"train": 5101618, "validation": 399782, "test": 449945}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def isolated_datasets_cache(tmp_path_factory):
-    """Keep the HF datasets cache of these tests in a temporary folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
-        yield
+pytestmark = pytest.mark.usefixtures("isolated_datasets_cache")
 
 
 @pytest.fixture(scope="module")

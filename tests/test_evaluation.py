@@ -35,21 +35,7 @@ DOCUMENTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def isolated_datasets_cache(tmp_path_factory):
-    """Keep the HF datasets cache of these tests in a temporary folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
-        yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread, and far faster than two on a busy two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread", "isolated_datasets_cache")
 
 
 @pytest.fixture(scope="module")
