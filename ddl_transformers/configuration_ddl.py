@@ -148,7 +148,9 @@ class DDLConfig(PreTrainedConfig):
                 fail(field, value, "expected an integer >= 1 (1 means no token history)")
         if not 0.0 <= float(self.beta_init) <= 2.0:
             fail("beta_init", self.beta_init, "the gate lies in [0, 2]")
-        if self.beta_hidden_size is not None and (not isinstance(self.beta_hidden_size, int) or self.beta_hidden_size < 1):
+        if self.beta_hidden_size is not None and (
+            not isinstance(self.beta_hidden_size, int) or self.beta_hidden_size < 1
+        ):
             fail("beta_hidden_size", self.beta_hidden_size, "expected None (linear gate) or a positive integer")
         if self.value_activation not in VALUE_ACTIVATIONS:
             fail("value_activation", self.value_activation, f"allowed values are {VALUE_ACTIVATIONS}")

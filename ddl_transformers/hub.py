@@ -57,9 +57,7 @@ def evaluation_records(folder: str | os.PathLike) -> list[dict[str, Any]]:
     for prefix, split in (("eval", "validation"), ("test", "test")):
         metrics = _read_json(folder, f"{prefix}_results.json") or {}
         if f"{prefix}_perplexity" in metrics:
-            records.append(
-                {"benchmark": f"{dataset}:{split}", "token_perplexity": metrics[f"{prefix}_perplexity"]}
-            )
+            records.append({"benchmark": f"{dataset}:{split}", "token_perplexity": metrics[f"{prefix}_perplexity"]})
     return records
 
 
@@ -115,7 +113,9 @@ def model_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     return config, adapter
 
 
-def build_model_card(folder: str | os.PathLike, repo_id: str | None = None, template_path: str | None = None) -> ModelCard:
+def build_model_card(
+    folder: str | os.PathLike, repo_id: str | None = None, template_path: str | None = None
+) -> ModelCard:
     """Render the DDL model card for a trained folder (nothing typed by hand: every figure comes from a file)."""
     folder = Path(folder)
     config, adapter = model_config(folder)
@@ -139,7 +139,9 @@ def build_model_card(folder: str | os.PathLike, repo_id: str | None = None, temp
                 "words_text": _format_count(record.get("words")),
             }
         )
-    datasets = sorted({_split_benchmark(r["benchmark"])[0] for r in records} | {(training or {}).get("dataset")} - {None})
+    datasets = sorted(
+        {_split_benchmark(r["benchmark"])[0] for r in records} | {(training or {}).get("dataset")} - {None}
+    )
     card_data = ModelCardData(
         library_name="peft" if adapter else "transformers",
         pipeline_tag="text-generation",
@@ -161,7 +163,9 @@ def build_model_card(folder: str | os.PathLike, repo_id: str | None = None, temp
         config=config,
         compressor=config.get("state_compressor") if expanded else "none (scalar state)",
         expansion=("on" if config.get("embedding_expansion") else "off") if expanded else "n/a (scalar state)",
-        gate="linear" if config.get("beta_hidden_size") is None else f"two-layer tanh, width {config['beta_hidden_size']}",
+        gate="linear"
+        if config.get("beta_hidden_size") is None
+        else f"two-layer tanh, width {config['beta_hidden_size']}",
         target=(
             f"{config.get('value_scale')} * sigmoid(W_v c + b)"
             if config.get("value_activation") == "sigmoid"

@@ -86,8 +86,15 @@ def plot_perplexity_bars(rows: list[dict], references: list[dict], benchmark: st
     for bar, hatch in zip(bars, hatches):
         bar.set_hatch(hatch)
     for index, mean in enumerate(means):
-        axis.annotate(f"{mean:.1f}", (index, mean), ha="center", va="bottom", fontsize=8, xytext=(0, 3),
-                      textcoords="offset points")
+        axis.annotate(
+            f"{mean:.1f}",
+            (index, mean),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 3),
+            textcoords="offset points",
+        )
     axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     low = min(m - e for m, e in zip(means, errors))
     high = max(m + e for m, e in zip(means, errors))

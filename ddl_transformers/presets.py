@@ -7,14 +7,24 @@ from .configuration_ddl import DDLConfig
 PRESETS: dict[str, dict[str, Any]] = {
     "baseline": {"residual_mode": "additive", "value_channels": 1},
     "ddl-scalar": {"residual_mode": "delta", "value_channels": 1},
-    "ddl-cc": {"residual_mode": "delta", "value_channels": 4, "state_compressor": "channel", "embedding_expansion": True},
+    "ddl-cc": {
+        "residual_mode": "delta",
+        "value_channels": 4,
+        "state_compressor": "channel",
+        "embedding_expansion": True,
+    },
     "ddl-cc-noec": {
         "residual_mode": "delta",
         "value_channels": 4,
         "state_compressor": "channel",
         "embedding_expansion": False,
     },
-    "ddl-tc": {"residual_mode": "delta", "value_channels": 4, "state_compressor": "token", "embedding_expansion": True},
+    "ddl-tc": {
+        "residual_mode": "delta",
+        "value_channels": 4,
+        "state_compressor": "token",
+        "embedding_expansion": True,
+    },
     "ddl-tc-noec": {
         "residual_mode": "delta",
         "value_channels": 4,

@@ -83,8 +83,10 @@ class DataArguments:
     validation_split_percentage: int = field(default=5, metadata={"help": "Carved when a source has no split."})
     eval_blocks: int | None = field(
         default=None,
-        metadata={"help": "Validation blocks used by the periodic evaluation during training (all by default); "
-        "the final word-level evaluation always reads the whole validation and test text."},
+        metadata={
+            "help": "Validation blocks used by the periodic evaluation during training (all by default); "
+            "the final word-level evaluation always reads the whole validation and test text."
+        },
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
     sample_prompt: str = field(default="the company said", metadata={"help": "Prompt of the greedy sample."})
@@ -315,9 +317,7 @@ def run_training(
         tokenizer = load_or_train_tokenizer(tokenizer_source, corpus, model_args.vocab_size)
     model = build_model(model_args, tokenizer, data_args.block_size)
     with training_args.main_process_first(desc="packing"):
-        blocks = pack_dataset(
-            corpus, tokenizer, data_args.block_size, num_proc=data_args.preprocessing_num_workers
-        )
+        blocks = pack_dataset(corpus, tokenizer, data_args.block_size, num_proc=data_args.preprocessing_num_workers)
 
     trainer = Trainer(
         model=model,
@@ -425,8 +425,11 @@ def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
 
 
 def _tokens_per_step(training_args: TrainingArguments, block_size: int) -> int:
-    return training_args.train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size * (
-        block_size
+    return (
+        training_args.train_batch_size
+        * training_args.gradient_accumulation_steps
+        * training_args.world_size
+        * (block_size)
     )
 
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Train a DDL preset from scratch, or fine-tune a saved DDL model, with the Hugging Face Trainer.
 
-    python scripts/train.py --preset ddl-cc --size tiny --dataset_name ptb --output_dir outputs/ddl-cc
-    python scripts/train.py --model_name_or_path outputs/ddl-cc --lora_r 8 --dataset_name shakespeare ...
-    python scripts/train.py args.yaml            # every argument from one JSON or YAML file
-    torchrun --nproc_per_node 2 scripts/train.py ...   # or: accelerate launch --config_file scripts/accelerate/ddp.yaml
+python scripts/train.py --preset ddl-cc --size tiny --dataset_name ptb --output_dir outputs/ddl-cc
+python scripts/train.py --model_name_or_path outputs/ddl-cc --lora_r 8 --dataset_name shakespeare ...
+python scripts/train.py args.yaml            # every argument from one JSON or YAML file
+torchrun --nproc_per_node 2 scripts/train.py ...   # or: accelerate launch --config_file scripts/accelerate/ddp.yaml
 """
 
 from ddl_transformers.cli import parse_arguments, run_script

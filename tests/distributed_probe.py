@@ -23,9 +23,21 @@ def recording_card_writer(folder, repo_id=None):
     return write_card(folder, repo_id)
 
 
+wrapping = {}
+
+
+class RecordingTrainer(training.Trainer):
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        wrapping.setdefault("fsdp", bool(self.is_fsdp_enabled))
+        wrapping.setdefault("wrapped", type(self.model_wrapped).__name__)
+        wrapping.setdefault("layer", type(self.model.model.layers[0]).__name__)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
 collate, write_card = training.causal_lm_collator, hub.write_model_card
 training.causal_lm_collator = recording_collator
 hub.write_model_card = recording_card_writer
+training.Trainer = RecordingTrainer
 
 model_args = training.ModelArguments(
     preset="ddl-cc",
@@ -53,5 +65,6 @@ record = {
     "distributed_type": str(state.distributed_type).split(".")[-1],
     "blocks": seen_blocks,
     "wrote_card": bool(wrote_card),
+    **wrapping,
 }
 (output / f"rank{training_args.process_index}.json").write_text(json.dumps(record))

