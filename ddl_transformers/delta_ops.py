@@ -1,15 +1,45 @@
-"""The DDL residual operators: the delta rewrite and its write-only control, as pure tensor functions.
+"""The DDL residual operators: the delta rewrite, its write-only control and the compressors' mixing.
 
 Shapes: the state is `(..., d)` (scalar state, `d_v = 1`) or `(..., d, d_v)`; the direction `(..., d)`; the target
 `(..., d_v)` (`(..., 1)` for a scalar state); the gate `(..., 1)`.
+
+Two implementations share each signature. The reference ones (`delta_update`, `write_only_update`, `channel_mix`,
+`token_mix`) are plain autograd code that reads like the equations. The fused ones save only what backward needs
+(the input state, `k` and per-token scalars), recompute the rest, and return expanded states *channel-major*: a
+`(..., d, d_v)` tensor whose memory is laid out `(..., d_v, d)`, so that every pass over the state is a contiguous
+loop over `d` (inputs may have any layout). `rewrite_function`, `channel_mix_function` and `token_mix_function` are
+the one place that chooses; `set_implementation("reference")` forces the reference (tests compare the two).
 """
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
+
+IMPLEMENTATIONS = ("fused", "reference")
+_implementation = "fused"
+
+
+def set_implementation(name: str) -> None:
+    """Choose the operators used by the model: `"fused"` (default) or `"reference"`."""
+    global _implementation
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"Unknown DDL operator implementation {name!r}; allowed values are {IMPLEMENTATIONS}.")
+    _implementation = name
+
+
+def get_implementation() -> str:
+    return _implementation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference operators
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
     """At least float32 (float64 stays float64, e.g. for gradcheck)."""
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
 def unit_direction(direction: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -51,4 +81,253 @@ def write_only_update(
     return new_state.squeeze(-1) if is_scalar else new_state
 
 
-__all__ = ["delta_update", "unit_direction", "write_only_update"]
+def channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-feature mixing over the value channels: `(..., d, d_v)` with weight `(d, d_v)` -> `(..., d)`."""
+    return (state * weight.to(state.dtype)).sum(-1)
+
+
+def token_mix(
+    states: torch.Tensor, conv_weight: torch.Tensor, read: torch.Tensor, history: torch.Tensor | None = None
+) -> torch.Tensor:
+    """TC: a causal depthwise convolution over tokens of every `(feature, channel)` pair, then a read over channels.
+
+    `states` `(B, T, d, d_v)`; `conv_weight` `(d * d_v, 1, K)` (channel `i * d_v + j`); `read` `(d_v,)`; `history`
+    `(B, K - 1, d, d_v)`: the states before the first one (None: zeros, the start of the sequence). Returns `(B, T, d)`.
+    """
+    batch, seq_len, hidden, value_channels = states.shape
+    kernel_size = conv_weight.shape[-1]
+    if history is None:
+        history = states.new_zeros(batch, kernel_size - 1, hidden, value_channels)
+    window = torch.cat([history, states], 1).reshape(batch, kernel_size - 1 + seq_len, hidden * value_channels)
+    mixed = F.conv1d(window.transpose(1, 2), conv_weight.to(states.dtype), groups=hidden * value_channels)
+    return mixed.transpose(1, 2).unflatten(-1, (hidden, value_channels)) @ read.to(states.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused operators
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def channel_major(state: torch.Tensor) -> torch.Tensor:
+    """`(..., d, d_v)` -> the `(..., d_v, d)` transposed view, contiguous (a copy only if the layout differs)."""
+    return state.transpose(-1, -2).contiguous()
+
+
+def _flat(state: torch.Tensor) -> torch.Tensor:
+    """A channel-major `(..., d, d_v)` state as flat channels `(N, d_v, d)`."""
+    return channel_major(state).view(-1, state.shape[-1], state.shape[-2])
+
+
+def _empty_channel_major(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised `(..., d, d_v)` tensor with channel-major memory that is not a view (autograd can then
+    accumulate into the gradients it holds in place)."""
+    strides, size = [0] * len(shape), shape[-1] * shape[-2]
+    strides[-2], strides[-1] = 1, shape[-2]
+    for dim in range(len(shape) - 3, -1, -1):
+        strides[dim] = size
+        size *= shape[dim]
+    return torch.empty_strided(shape, strides, dtype=like.dtype, device=like.device)
+
+
+def _read(channels: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`k^T X` -> `(..., d_v)`, for a scalar state `(..., d)` or flat channels `(N, d_v, d)`."""
+    if channels.dim() == k.dim():
+        return torch.linalg.vecdot(channels, k).unsqueeze(-1)
+    return torch.bmm(k.unsqueeze(1), channels.transpose(1, 2)).squeeze(1)
+
+
+def _combine(weights: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """`X w` -> `(..., d)`: the channels weighted by `(..., d_v)` and summed."""
+    if channels.dim() == weights.dim():
+        return weights * channels
+    return torch.bmm(weights.unsqueeze(1), channels).squeeze(1)
+
+
+def _add_outer(state: torch.Tensor, channels: torch.Tensor, weights: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`X + k w^T` as a new tensor shaped like `state`, from its flat channels (channel-major for `d_v > 1`)."""
+    dtype = channels.dtype
+    weights, k = weights.to(dtype), k.to(dtype)
+    if channels.dim() == k.dim():
+        return torch.addcmul(channels, weights, k)
+    out = _empty_channel_major(state.shape, channels)
+    torch.addcmul(channels, weights.unsqueeze(-1), k.unsqueeze(-2), out=_flat(out))
+    return out
+
+
+def _rewrite_forward(
+    state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float, erase: bool
+) -> tuple[torch.Tensor, ...]:
+    """The new state and what backward needs: the flat channels, `k`, `1 / sqrt(||h||^2 + eps^2)` and `v - k^T X`."""
+    if state.dim() == direction.dim():  # scalar state: every tensor keeps its leading shape
+        channels = state
+    else:
+        channels, (hidden, value_channels) = _flat(state), state.shape[-2:]
+        direction, target = direction.reshape(-1, hidden), target.reshape(-1, value_channels)
+        beta = beta.reshape(-1, 1)
+    h = _wide(direction)
+    scale = torch.linalg.vecdot(h, h).unsqueeze(-1).add_(eps * eps).rsqrt_()
+    k = h * scale
+    error = _wide(target) - _read(_wide(channels), k) if erase else _wide(target)
+    return _add_outer(state, channels, beta * error, k), channels, k, scale, error
+
+
+class _FusedRewrite(torch.autograd.Function):
+    """The rewrite as one node: saves the input state (only to erase), `k` and per-token scalars."""
+
+    @staticmethod
+    def forward(ctx, state, direction, target, beta, eps: float, erase: bool):
+        ctx.erase, ctx.inputs = erase, [(t.shape, t.dtype) for t in (direction, target, beta)]
+        new_state, channels, k, scale, error = _rewrite_forward(state, direction, target, beta, eps, erase)
+        ctx.save_for_backward(channels if erase else None, k, scale, beta.reshape(scale.shape), error)
+        return new_state
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        channels, k, scale, beta, error = ctx.saved_tensors
+        grad = grad_out if grad_out.dim() == k.dim() else _flat(grad_out)
+        grad_wide = _wide(grad)
+        k_grad = _read(grad_wide, k)  # k^T G
+        grad_target, grad_beta = beta * k_grad, (error * k_grad).sum(-1, keepdim=True)
+        grad_k = _combine(beta * error, grad_wide)
+        grad_state = grad_out
+        if ctx.erase:
+            grad_read = -grad_target
+            grad_k = grad_k + _combine(grad_read, _wide(channels))
+            if ctx.needs_input_grad[0]:
+                grad_state = _add_outer(grad_out, grad, grad_read, k)  # G - beta k (k^T G)
+        grad_direction = scale * (grad_k - k * torch.linalg.vecdot(k, grad_k).unsqueeze(-1))
+        grads = [
+            g.reshape(shape).to(dtype)
+            for g, (shape, dtype) in zip((grad_direction, grad_target, grad_beta), ctx.inputs)
+        ]
+        return grad_state if ctx.needs_input_grad[0] else None, *grads, None, None
+
+
+def _fused_rewrite(
+    state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float, erase: bool
+) -> torch.Tensor:
+    lead = direction.shape[:-1]
+    if state.shape[: len(lead)] != lead or target.shape[:-1] != lead or beta.shape[:-1] != lead:
+        reference = delta_update if erase else write_only_update
+        return reference(state, direction, target, beta, eps)  # broadcasting shapes: rare, not worth a kernel
+    beta = _wide(beta)
+    needs_grad = state.requires_grad or direction.requires_grad or target.requires_grad or beta.requires_grad
+    if needs_grad and torch.is_grad_enabled():
+        return _FusedRewrite.apply(state, direction, target, beta, eps, erase)
+    return _rewrite_forward(state, direction, target, beta, eps, erase)[0]
+
+
+def fused_delta_update(
+    state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """`delta_update` as one autograd function; an expanded result is channel-major in memory."""
+    return _fused_rewrite(state, direction, target, beta, eps, erase=True)
+
+
+def fused_write_only_update(
+    state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """`write_only_update` as one autograd function; an expanded result is channel-major in memory."""
+    return _fused_rewrite(state, direction, target, beta, eps, erase=False)
+
+
+def _mix_channels(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`sum_j w[:, j] X[..., :, j]`: one pass over the state in any layout, no copy."""
+    mixed = state[..., 0] * weight[:, 0]
+    for j in range(1, state.shape[-1]):
+        mixed = mixed.addcmul_(state[..., j], weight[:, j])
+    return mixed
+
+
+class _FusedChannelMix(torch.autograd.Function):
+    """`channel_mix` as one node; its state gradient is channel-major, like the rewrite's, so the two add in place."""
+
+    @staticmethod
+    def forward(ctx, state, weight):
+        ctx.save_for_backward(state, weight)
+        return _mix_channels(state, weight.to(state.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        state, weight = ctx.saved_tensors
+        grad_state = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_state = _empty_channel_major(state.shape, grad_out)
+            torch.mul(grad_out.unsqueeze(-1), weight.to(grad_out.dtype), out=grad_state)
+        if ctx.needs_input_grad[1]:
+            grad = grad_out.reshape(-1, state.shape[-2])
+            columns = [(grad * state[..., j].reshape(grad.shape)).sum(0) for j in range(state.shape[-1])]
+            grad_weight = torch.stack(columns, -1).to(weight.dtype)
+        return grad_state, grad_weight
+
+
+def fused_channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`channel_mix` without temporaries, and with a channel-major gradient."""
+    if torch.is_grad_enabled() and (state.requires_grad or weight.requires_grad):
+        return _FusedChannelMix.apply(state, weight)
+    return _mix_channels(state, weight.to(state.dtype))
+
+
+def fused_token_mix(
+    states: torch.Tensor, conv_weight: torch.Tensor, read: torch.Tensor, history: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`token_mix` as one depthwise 2-D convolution: the channel-major state `(B, T, d_v, d)` is, in channels-last
+    memory, an image of `d` channels and size `T x d_v`, and a `K x d_v` kernel per feature (the read folded into it)
+    does the token convolution and the read over channels at once. Causal zero padding is the convolution's own.
+    One decoded token is a single multiply-and-sum over its window instead."""
+    batch, seq_len, hidden, value_channels = states.shape
+    kernel_size = conv_weight.shape[-1]
+    weight = conv_weight.view(hidden, value_channels, kernel_size).permute(2, 1, 0) * read.unsqueeze(-1)  # (K, d_v, d)
+    weight = weight.to(states.dtype)
+    window = channel_major(states)  # (B, T, d_v, d)
+    if history is not None:
+        window = torch.cat([channel_major(history), window], 1)
+        if seq_len == 1:
+            return (window * weight).sum((1, 2)).unsqueeze(1)
+    image = window.permute(0, 3, 1, 2)  # (B, d, L, d_v), channels-last
+    padding = (kernel_size - 1 if history is None else 0, 0)
+    mixed = F.conv2d(image, weight.permute(2, 0, 1).unsqueeze(1), padding=padding, groups=hidden)  # (B, d, L', 1)
+    return mixed[:, :, :seq_len, 0].transpose(1, 2)  # (B, T, d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The one place that chooses
+# ---------------------------------------------------------------------------------------------------------------
+
+_REWRITES = {
+    "fused": {"delta": fused_delta_update, "write_only": fused_write_only_update},
+    "reference": {"delta": delta_update, "write_only": write_only_update},
+}
+
+
+def rewrite_function(mode: str) -> Callable[..., torch.Tensor]:
+    """The rewrite operator of a residual mode (`"delta"` or `"write_only"`) in the chosen implementation."""
+    return _REWRITES[_implementation][mode]
+
+
+def channel_mix_function() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return fused_channel_mix if _implementation == "fused" else channel_mix
+
+
+def token_mix_function() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    return fused_token_mix if _implementation == "fused" else token_mix
+
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "channel_major",
+    "channel_mix",
+    "channel_mix_function",
+    "delta_update",
+    "fused_channel_mix",
+    "fused_delta_update",
+    "fused_token_mix",
+    "fused_write_only_update",
+    "get_implementation",
+    "rewrite_function",
+    "set_implementation",
+    "token_mix",
+    "token_mix_function",
+    "unit_direction",
+    "write_only_update",
+]

@@ -33,7 +33,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ddl import DDLConfig
-from .delta_ops import delta_update, write_only_update
+from .delta_ops import channel_major, channel_mix_function, rewrite_function, token_mix_function
 
 # Slots of the token-convolution states in each cache layer.
 ATTN_CONV_STATE, MLP_CONV_STATE, EMBEDDING_CONV_STATE = 0, 1, 2
@@ -169,7 +169,7 @@ class DDLChannelCompressor(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.hidden_size, config.value_channels))
 
     def forward(self, state: torch.Tensor, cache: Cache | None = None, token_mask: torch.Tensor | None = None):
-        return (state * self.weight.to(state.dtype)).sum(-1)
+        return channel_mix_function()(state, self.weight)
 
 
 class DDLTokenCompressor(nn.Module):
@@ -182,10 +182,20 @@ class DDLTokenCompressor(nn.Module):
         self.read = nn.Parameter(torch.empty(config.value_channels))
 
     def forward(self, state: torch.Tensor, cache: Cache | None = None, token_mask: torch.Tensor | None = None):
-        batch, seq_len, hidden, value_channels = state.shape
-        mixed = self.token_conv(state.reshape(batch, seq_len, hidden * value_channels), cache, token_mask)
-        mixed = mixed.view(batch, seq_len, hidden, value_channels)
-        return mixed @ self.read.to(state.dtype)  # (B, T, d)
+        conv, (seq_len, hidden, value_channels) = self.token_conv, state.shape[1:]
+        history_len = conv.kernel_size - 1
+        if token_mask is not None:
+            state = state * token_mask[:, :, None, None].to(state.dtype)
+        history = None
+        if cache is not None and history_len > 0:
+            # the cache keeps the last K - 1 inputs as (B, d_v * d, K - 1), time last
+            has_history = cache.get_conv_state(conv.layer_idx, conv.state_idx) is not None
+            inputs = channel_major(state).flatten(2).transpose(1, 2)
+            window = cache.update_conv_state(inputs, conv.layer_idx, conv.state_idx, conv_kernel_size=history_len)
+            if has_history:
+                history = window[..., -(history_len + seq_len) : -seq_len].transpose(1, 2)  # (B, K - 1, d_v * d)
+                history = history.unflatten(-1, (value_channels, hidden)).transpose(-1, -2)  # (B, K - 1, d, d_v)
+        return token_mix_function()(state, conv.weight, self.read, history)  # (B, T, d)
 
 
 class DDLEmbeddingExpansion(nn.Module):
@@ -253,7 +263,7 @@ class DDLDeltaResidual(nn.Module):
     def forward(self, state: torch.Tensor, sublayer_output: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.residual_mode == "additive":
             return state + (sublayer_output if state.dim() == sublayer_output.dim() else sublayer_output.unsqueeze(-1))
-        update = write_only_update if self.residual_mode == "write_only" else delta_update
+        update = rewrite_function(self.residual_mode)
         return update(state, sublayer_output, self.target(context), self.gate(context), self.eps)
 
 

@@ -1,0 +1,361 @@
+"""Throughput and memory of DDL presets against the additive baseline, measured in one process.
+
+Every preset is built once, then the measurements run interleaved (A B C A B C ...) after warm-up rounds, and the
+medians over the repetitions are reported with their ratios to `baseline` from the same run. Peak memory of a
+training step is CUDA's `max_memory_allocated`, or on CPU the peak resident memory of a fresh subprocess per preset
+(above its resident memory after imports).
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from . import delta_ops
+from .modeling_ddl import DDLForCausalLM
+from .presets import PRESETS, SIZES, preset_config
+
+# A CPU-sized shape where attention and the MLP dominate the cost of a step, as in real models.
+BENCHMARK_SIZES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "vocab_size": 8192,
+        "hidden_size": 320,
+        "intermediate_size": 864,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 5,
+        "max_position_embeddings": 1024,
+    },
+}
+METRICS = ("train_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_mb", "parameters")
+
+
+@dataclass
+class BenchmarkArguments:
+    presets: list[str] = field(
+        default_factory=lambda: ["baseline", "ddl-scalar", "ddl-cc", "ddl-tc"],
+        metadata={"help": "Presets to compare; `baseline` is added first if missing (ratios are to it)."},
+    )
+    size: str = field(default="cpu", metadata={"help": f"Model size: {', '.join([*BENCHMARK_SIZES, *SIZES])}."})
+    device: str = field(default="cpu", metadata={"help": "Device, e.g. cpu or cuda."})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per sequence of the training and prefill batches."})
+    batch_size: int = field(default=4, metadata={"help": "Sequences per training and prefill batch."})
+    decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 8], metadata={"help": "Decode batch sizes."})
+    prompt_len: int = field(default=32, metadata={"help": "Prompt tokens before the timed decode steps."})
+    decode_tokens: int = field(default=32, metadata={"help": "Timed decode steps per repetition."})
+    warmup: int = field(default=1, metadata={"help": "Untimed rounds over all presets before the timed ones."})
+    repeats: int = field(default=5, metadata={"help": "Timed rounds; medians are reported."})
+    compile: bool = field(default=False, metadata={"help": "Wrap every model in torch.compile."})
+    implementation: str = field(
+        default="fused", metadata={"help": "DDL operators: fused (default) or reference (the plain autograd code)."}
+    )
+    memory: bool = field(default=True, metadata={"help": "Measure the peak memory of a training step."})
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: torch's choice)."})
+    timer: str = field(
+        default="wall",
+        metadata={
+            "help": "wall (elapsed time) or process (this process's CPU time: steadier on a shared machine, "
+            "meaningful with --threads 1 only)."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the weights and tokens."})
+    output: str | None = field(default=None, metadata={"help": "Write the JSON report here."})
+    markdown: str | None = field(default=None, metadata={"help": "Write the markdown table here."})
+
+    def __post_init__(self) -> None:
+        if self.timer not in ("wall", "process"):
+            raise ValueError(f"BenchmarkArguments: invalid timer={self.timer!r}; allowed values are wall, process.")
+        if self.implementation not in delta_ops.IMPLEMENTATIONS:
+            raise ValueError(
+                f"BenchmarkArguments: invalid implementation={self.implementation!r}; "
+                f"allowed values are {delta_ops.IMPLEMENTATIONS}."
+            )
+        unknown = [name for name in self.presets if name not in PRESETS]
+        if unknown or self.size not in {**BENCHMARK_SIZES, **SIZES}:
+            raise ValueError(
+                f"BenchmarkArguments: invalid presets={unknown} or size={self.size!r}; presets are {list(PRESETS)}, "
+                f"sizes {[*BENCHMARK_SIZES, *SIZES]}."
+            )
+
+
+def benchmark_config(name: str, args: BenchmarkArguments):
+    size, overrides = (args.size, {}) if args.size in SIZES else ("tiny", BENCHMARK_SIZES[args.size])
+    overrides = {**overrides, "max_position_embeddings": max(1024, args.seq_len, args.prompt_len + args.decode_tokens)}
+    return preset_config(name, size, attn_implementation="sdpa", **overrides)
+
+
+def build_model(name: str, args: BenchmarkArguments) -> DDLForCausalLM:
+    torch.manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype)
+    return DDLForCausalLM(benchmark_config(name, args)).to(device=args.device, dtype=dtype)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(args: BenchmarkArguments, fn: Callable[[], Any]) -> float:
+    clock = time.process_time if args.timer == "process" else time.perf_counter
+    _synchronize(args.device)
+    start = clock()
+    fn()
+    _synchronize(args.device)
+    return clock() - start
+
+
+class _Runner:
+    """One preset's model, optimiser and inputs, and its timed steps."""
+
+    def __init__(self, name: str, args: BenchmarkArguments):
+        self.name, self.args = name, args
+        self.model = build_model(name, args)
+        self.parameters = self.model.num_parameters()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.forward = torch.compile(self.model) if args.compile else self.model
+        generator = torch.Generator().manual_seed(args.seed)
+        vocab = self.model.config.vocab_size
+        self.tokens = torch.randint(vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
+        self.prompts = {
+            batch: torch.randint(vocab, (batch, args.prompt_len), generator=generator).to(args.device)
+            for batch in args.decode_batch_sizes
+        }
+
+    def train_step(self) -> None:
+        self.model.train()
+        loss = self.forward(input_ids=self.tokens, labels=self.tokens).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.inference_mode()
+    def prefill(self) -> None:
+        self.model.eval()
+        self.forward(input_ids=self.tokens, use_cache=True, logits_to_keep=1)
+
+    @torch.inference_mode()
+    def decode(self, batch: int) -> float:
+        """Seconds of `decode_tokens` greedy steps with the cache, after the prompt's prefill."""
+        self.model.eval()
+        out = self.forward(input_ids=self.prompts[batch], use_cache=True, logits_to_keep=1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+
+        def steps() -> None:
+            nonlocal cache, token
+            for _ in range(self.args.decode_tokens):
+                out = self.forward(input_ids=token, cache=cache, use_cache=True)
+                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+
+        return _timed(self.args, steps)
+
+    def round(self) -> dict[str, Any]:
+        args = self.args
+        tokens = args.batch_size * args.seq_len
+        return {
+            "train_tokens_per_s": tokens / _timed(args, self.train_step),
+            "prefill_tokens_per_s": tokens / _timed(args, self.prefill),
+            "decode_tokens_per_s": {
+                f"batch_{batch}": batch * args.decode_tokens / self.decode(batch) for batch in args.decode_batch_sizes
+            },
+        }
+
+
+def _median_record(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    record = {}
+    for key, value in rounds[0].items():
+        if isinstance(value, dict):
+            record[key] = {sub: statistics.median(r[key][sub] for r in rounds) for sub in value}
+        else:
+            record[key] = statistics.median(r[key] for r in rounds)
+    return record
+
+
+def _ratio(value: Any, reference: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _ratio(value[key], reference[key]) for key in value}
+    if value is None or not reference:
+        return None
+    return value / reference
+
+
+def _status_mb(field: str) -> float:
+    """A memory field of `/proc/self/status` (`VmRSS`, or `VmHWM`: the peak of this process since its exec; unlike
+    `ru_maxrss` it is not inherited from the parent)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 2**10
+
+
+def measure_peak_memory_mb(names: list[str], args: BenchmarkArguments, steps: int = 2) -> dict[str, float | None]:
+    """Peak memory of training steps (weights, gradients, AdamW state and activations) of each preset, in MiB.
+
+    CUDA: `max_memory_allocated`, one preset after the other. CPU: the peak resident memory of a fresh process per
+    preset (run side by side) above its resident memory after imports (None where `/proc` is missing)."""
+    if args.device.startswith("cuda"):
+        return {name: _cuda_peak_memory_mb(name, args, steps) for name in names}
+    if not os.path.exists("/proc/self/status"):
+        return dict.fromkeys(names)
+    code = (
+        "import json, sys; from ddl_transformers.benchmark import _memory_probe; "
+        "print(json.dumps(_memory_probe(sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]))))"
+    )
+    # A fixed glibc mmap threshold returns freed tensors to the OS at once, so resident memory tracks live tensors.
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), *sys.path]),
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+    }
+    probes = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", code, name, json.dumps(asdict(args)), str(steps)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for name in names
+    }
+    peaks = {}
+    for name, probe in probes.items():
+        stdout, stderr = probe.communicate()
+        if probe.returncode:
+            raise RuntimeError(f"The memory probe of {name} failed:\n{stderr}")
+        peaks[name] = json.loads(stdout.strip().splitlines()[-1])
+    return peaks
+
+
+def _cuda_peak_memory_mb(name: str, args: BenchmarkArguments, steps: int) -> float:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(args.device)
+    before = torch.cuda.memory_allocated(args.device)
+    runner = _Runner(name, args)
+    for _ in range(steps):
+        runner.train_step()
+    peak = torch.cuda.max_memory_allocated(args.device) - before
+    del runner
+    torch.cuda.empty_cache()
+    return peak / 2**20
+
+
+def _memory_probe(name: str, args: dict[str, Any], steps: int) -> float:
+    """Run inside a fresh process: training steps of one preset; peak RSS above the RSS after imports, in MiB."""
+    args = BenchmarkArguments(**{**args, "compile": False})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    delta_ops.set_implementation(args.implementation)
+    before = _status_mb("VmRSS")
+    runner = _Runner(name, args)
+    for _ in range(steps):
+        runner.train_step()
+    return _status_mb("VmHWM") - before
+
+
+def environment() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_benchmark(args: BenchmarkArguments, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Measure every preset of `args` and return the report: settings, environment, one record per preset."""
+    log = log or (lambda message: None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    presets = ["baseline", *[name for name in args.presets if name != "baseline"]]
+    previous = delta_ops.get_implementation()
+    delta_ops.set_implementation(args.implementation)
+    try:
+        started = environment()
+        runners = [_Runner(name, args) for name in presets]
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in presets}
+        for index in range(args.warmup + args.repeats):
+            for runner in runners:
+                result = runner.round()
+                if index >= args.warmup:
+                    rounds[runner.name].append(result)
+            log(f"round {index + 1}/{args.warmup + args.repeats} done")
+        parameters = {runner.name: runner.parameters for runner in runners}
+        del runners
+    finally:
+        delta_ops.set_implementation(previous)
+
+    peaks = measure_peak_memory_mb(presets, args) if args.memory else dict.fromkeys(presets)
+    records = []
+    for name in presets:
+        record = {"preset": name, **_median_record(rounds[name]), "parameters": parameters[name]}
+        record["peak_memory_mb"] = peaks[name]
+        records.append(record)
+        log(f"{name}: {record}")
+    for record in records:
+        record["ratios"] = {key: _ratio(record[key], records[0][key]) for key in METRICS}
+    finished = environment()
+    started["load_average_end"] = finished["load_average"]
+    return {"settings": asdict(args), "environment": started, "results": records}
+
+
+def _number(value: Any, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The report as a markdown table: value (ratio to baseline) per metric and preset."""
+    batches = list(report["results"][0]["decode_tokens_per_s"])
+    header = ["preset", "parameters", "train tok/s", "prefill tok/s"]
+    header += [f"decode tok/s ({batch.replace('_', ' ')})" for batch in batches] + ["peak train memory MiB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for record in report["results"]:
+        ratios = record["ratios"]
+
+        def cell(value: Any, ratio: Any, digits: int = 0) -> str:
+            return f"{_number(value, digits)} ({_number(ratio, 3)})"
+
+        row = [
+            record["preset"],
+            f"{record['parameters'] / 1e6:.2f}M ({ratios['parameters']:.3f})",
+            cell(record["train_tokens_per_s"], ratios["train_tokens_per_s"]),
+            cell(record["prefill_tokens_per_s"], ratios["prefill_tokens_per_s"]),
+            *[cell(record["decode_tokens_per_s"][b], ratios["decode_tokens_per_s"][b], 1) for b in batches],
+            cell(record["peak_memory_mb"], ratios["peak_memory_mb"], 1),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], args: BenchmarkArguments) -> str:
+    """Write the JSON and markdown outputs asked for in `args`; return the markdown table."""
+    table = markdown_table(report)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(table)
+    return table
+
+
+__all__ = ["BENCHMARK_SIZES", "BenchmarkArguments", "markdown_table", "measure_peak_memory_mb", "run_benchmark"]

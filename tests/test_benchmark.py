@@ -1,0 +1,95 @@
+"""The benchmark end to end at a minuscule shape: the report's structure and its ratios, never its timings."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from ddl_transformers import delta_ops
+from ddl_transformers.benchmark import METRICS, BenchmarkArguments, markdown_table, run_benchmark, write_report
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_arguments(tmp_path, **overrides) -> BenchmarkArguments:
+    settings = {
+        "presets": ["ddl-cc"],
+        "size": "tiny",
+        "seq_len": 8,
+        "batch_size": 2,
+        "decode_batch_sizes": [1, 2],
+        "prompt_len": 4,
+        "decode_tokens": 2,
+        "warmup": 0,
+        "repeats": 2,
+        "output": str(tmp_path / "benchmark.json"),
+        "markdown": str(tmp_path / "benchmark.md"),
+    }
+    return BenchmarkArguments(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    args = tiny_arguments(tmp_path_factory.mktemp("benchmark"))
+    report = run_benchmark(args, log=None)
+    write_report(report, args)
+    return report, args
+
+
+def test_one_record_per_preset_baseline_first(report):
+    report, _ = report
+    assert [record["preset"] for record in report["results"]] == ["baseline", "ddl-cc"]
+    for record in report["results"]:
+        for key in METRICS:
+            assert key in record and key in record["ratios"]
+        assert record["train_tokens_per_s"] > 0 and record["prefill_tokens_per_s"] > 0
+        assert set(record["decode_tokens_per_s"]) == {"batch_1", "batch_2"}
+        assert record["peak_memory_mb"] is None or record["peak_memory_mb"] > 0
+
+
+def test_ratios_are_values_over_the_baseline(report):
+    report, _ = report
+    baseline = report["results"][0]
+    for record in report["results"]:
+        ratios = record["ratios"]
+        for key in ("train_tokens_per_s", "prefill_tokens_per_s", "parameters"):
+            assert ratios[key] == pytest.approx(record[key] / baseline[key])
+        for batch, value in record["decode_tokens_per_s"].items():
+            assert ratios["decode_tokens_per_s"][batch] == pytest.approx(
+                value / baseline["decode_tokens_per_s"][batch]
+            )
+        if record["peak_memory_mb"] is not None:
+            assert ratios["peak_memory_mb"] == pytest.approx(record["peak_memory_mb"] / baseline["peak_memory_mb"])
+    assert all(value == 1.0 for key, value in baseline["ratios"].items() if key != "decode_tokens_per_s")
+    assert report["results"][1]["parameters"] > baseline["parameters"]
+
+
+def test_outputs_are_written(report):
+    report, args = report
+    on_disk = json.loads(Path(args.output).read_text())
+    assert on_disk["results"] == json.loads(json.dumps(report["results"]))
+    assert on_disk["settings"]["seq_len"] == 8 and on_disk["environment"]["torch"]
+    table = Path(args.markdown).read_text()
+    assert table == markdown_table(report)
+    assert table.count("\n") == 2 + len(report["results"])
+    assert "| ddl-cc |" in table
+
+
+def test_implementation_setting_is_restored(tmp_path):
+    args = tiny_arguments(tmp_path, presets=["baseline"], repeats=1, memory=False, implementation="reference")
+    report = run_benchmark(args, log=None)
+    assert report["settings"]["implementation"] == "reference"
+    assert [record["peak_memory_mb"] for record in report["results"]] == [None]
+    assert delta_ops.get_implementation() == "fused"
+
+
+def test_cli_parses_its_flags():
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    flags = "--presets ddl-cc ddl-tc --size tiny --device cpu --dtype bfloat16 --seq_len 4 --batch_size 2 --compile"
+    (args,) = script.HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(flags.split())
+    assert args.presets == ["ddl-cc", "ddl-tc"] and args.dtype == "bfloat16" and args.compile and args.seq_len == 4
+    with pytest.raises(ValueError, match="timer"):
+        BenchmarkArguments(timer="cycles")

@@ -1,0 +1,213 @@
+"""The fused operators against the reference ones: values, gradients, layouts, and whole models."""
+
+import pytest
+import torch
+from conftest import ALL_PRESETS, TEST_VOCAB, perturbed_model
+
+from ddl_transformers import DDLForCausalLM, delta_ops
+from ddl_transformers.delta_ops import (
+    channel_mix,
+    delta_update,
+    fused_channel_mix,
+    fused_delta_update,
+    fused_token_mix,
+    fused_write_only_update,
+    token_mix,
+    write_only_update,
+)
+
+D, DV = 16, 4
+PAIRS = {"delta": (delta_update, fused_delta_update), "write_only": (write_only_update, fused_write_only_update)}
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture
+def reference_operators():
+    delta_ops.set_implementation("reference")
+    yield
+    delta_ops.set_implementation("fused")
+
+
+def rewrite_inputs(value_channels, dtype, batch=(3, 5), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    state_shape = (*batch, D) if value_channels == 1 else (*batch, D, value_channels)
+    state = torch.randn(state_shape, generator=generator).to(dtype)
+    direction = torch.randn(*batch, D, generator=generator).to(dtype)
+    target = torch.randn(*batch, value_channels, generator=generator).to(dtype)
+    beta = 2 * torch.rand(*batch, 1, generator=generator, dtype=torch.float64)
+    beta = beta.to(torch.float64 if dtype == torch.float64 else torch.float32)  # the model's gate is float32
+    return [t.requires_grad_() for t in (state, direction, target, beta)]
+
+
+def values_and_grads(fn, inputs, seed=1):
+    out = fn(*inputs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    return out, torch.autograd.grad(out, inputs, grad_out)
+
+
+@pytest.mark.parametrize("mode", list(PAIRS))
+@pytest.mark.parametrize("value_channels", [1, DV])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_rewrite_matches_reference(mode, value_channels, dtype):
+    reference, fused = PAIRS[mode]
+    inputs = rewrite_inputs(value_channels, dtype)
+    expected, expected_grads = values_and_grads(reference, inputs)
+    out, grads = values_and_grads(fused, inputs)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    for grad, expected_grad, tensor in zip(grads, expected_grads, inputs):
+        assert grad.dtype == tensor.dtype
+        torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("mode", list(PAIRS))
+def test_bfloat16_fused_rewrite_is_close_to_float32(mode):
+    reference, fused = PAIRS[mode]
+    inputs = rewrite_inputs(DV, torch.float32)
+    expected, expected_grads = values_and_grads(reference, inputs)
+    # bfloat16 state, direction and target; the gate stays float32 as in the model
+    low = [t.detach().bfloat16().requires_grad_() for t in inputs[:3]] + [inputs[3]]
+    out, grads = values_and_grads(fused, low)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad.float(), expected_grad, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("value_channels", [1, DV])
+def test_fused_gradcheck_float64(value_channels):
+    inputs = rewrite_inputs(value_channels, torch.float64, batch=(2,))
+    assert torch.autograd.gradcheck(fused_delta_update, inputs)
+    assert torch.autograd.gradcheck(fused_write_only_update, inputs)
+
+
+@pytest.mark.parametrize("value_channels", [1, DV])
+def test_fused_zero_direction_is_finite(value_channels):
+    state, direction, target, beta = rewrite_inputs(value_channels, torch.float32)
+    direction = torch.zeros_like(direction).requires_grad_()
+    out, grads = values_and_grads(fused_delta_update, [state, direction, target, beta])
+    torch.testing.assert_close(out, state)
+    assert all(torch.isfinite(grad).all() for grad in grads)
+
+
+def test_fused_state_is_channel_major_and_any_input_layout_works():
+    state, direction, target, beta = rewrite_inputs(DV, torch.float32)
+    expected = delta_update(state, direction, target, beta)
+    for layout in (state, state.transpose(-1, -2).contiguous().transpose(-1, -2), state[..., :1].expand_as(state)):
+        out = fused_delta_update(layout, direction, target, beta)
+        assert out.transpose(-1, -2).is_contiguous()
+        torch.testing.assert_close(out, delta_update(layout, direction, target, beta), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_delta_update(state, direction, target, beta), expected)
+
+
+def test_fused_broadcasting_shapes_fall_back_to_the_reference():
+    # one state matrix (d_v = d) rewritten along a single direction, as in the Householder check
+    direction = torch.randn(D, dtype=torch.float64)
+    inputs = (torch.eye(D, dtype=torch.float64), direction, torch.zeros(D, dtype=torch.float64), torch.tensor([2.0]))
+    torch.testing.assert_close(fused_delta_update(*inputs), delta_update(*inputs))
+    no_batch = [t.detach()[0, 0] for t in rewrite_inputs(DV, torch.float64)]
+    torch.testing.assert_close(fused_delta_update(*no_batch), delta_update(*no_batch))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_channel_and_token_mix_match_reference(dtype):
+    generator = torch.Generator().manual_seed(0)
+    kernel = 3
+    window = torch.randn(2, kernel - 1 + 7, D, DV, generator=generator).to(dtype).requires_grad_()
+    mix_weight = torch.randn(D, DV, generator=generator).requires_grad_()
+    conv_weight = torch.randn(D * DV, 1, kernel, generator=generator).requires_grad_()
+    read = torch.randn(DV, generator=generator).requires_grad_()
+    tol = TOLERANCES[dtype] * 3
+    cases = [
+        (channel_mix, fused_channel_mix, (window, mix_weight)),
+        (token_mix, fused_token_mix, (window, conv_weight, read)),
+    ]
+    for reference, fused, inputs in cases:
+        expected, expected_grads = values_and_grads(reference, inputs)
+        out, grads = values_and_grads(fused, inputs)
+        assert out.shape == expected.shape and out.dtype == dtype
+        torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("seq_len", [1, 3])
+def test_fused_token_mix_with_history_matches_reference(seq_len):
+    generator = torch.Generator().manual_seed(0)
+    kernel = 4
+    states = torch.randn(2, seq_len, D, DV, generator=generator)
+    history = torch.randn(2, kernel - 1, D, DV, generator=generator)
+    conv_weight = torch.randn(D * DV, 1, kernel, generator=generator)
+    read = torch.randn(DV, generator=generator)
+    expected = token_mix(states, conv_weight, read, history)
+    torch.testing.assert_close(fused_token_mix(states, conv_weight, read, history), expected, rtol=1e-5, atol=1e-5)
+    # zeros as history are the start of the sequence
+    torch.testing.assert_close(
+        fused_token_mix(states, conv_weight, read), token_mix(states, conv_weight, read, torch.zeros_like(history))
+    )
+
+
+def test_one_place_chooses_the_implementation(reference_operators):
+    assert delta_ops.rewrite_function("delta") is delta_update
+    assert delta_ops.channel_mix_function() is channel_mix
+    delta_ops.set_implementation("fused")
+    assert delta_ops.rewrite_function("write_only") is fused_write_only_update
+    assert delta_ops.token_mix_function() is fused_token_mix
+    with pytest.raises(ValueError, match="triton"):
+        delta_ops.set_implementation("triton")
+
+
+def _logits_and_grads(model: DDLForCausalLM, tokens: torch.Tensor):
+    model.zero_grad()
+    out = model(tokens, labels=tokens)
+    out.loss.backward()
+    return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ALL_PRESETS)
+def test_fused_model_equals_reference_model(name, reference_operators):
+    model = perturbed_model(name).train()
+    tokens = torch.randint(3, TEST_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    ref_logits, ref_grads = _logits_and_grads(model, tokens)
+    with torch.no_grad():
+        ref_masked = model(tokens, attention_mask=mask).logits
+    delta_ops.set_implementation("fused")
+    logits, grads = _logits_and_grads(model, tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, attention_mask=mask).logits, ref_masked, rtol=1e-5, atol=1e-5)
+    for param_name, grad in grads.items():
+        scale = ref_grads[param_name].abs().max().item()
+        torch.testing.assert_close(grad, ref_grads[param_name], rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=param_name)
+
+
+def _compiled_logits_match(name: str, backend: str) -> None:
+    torch._dynamo.reset()
+    model = perturbed_model(name, num_hidden_layers=1).train()
+    tokens = torch.randint(3, TEST_VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    expected = model(tokens, labels=tokens)
+    expected.loss.backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = torch.compile(model, backend=backend)(tokens, labels=tokens)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
+    for param_name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected_grads[param_name], rtol=1e-3, atol=1e-4, msg=param_name)
+
+
+@pytest.mark.parametrize(
+    "name", [name if name == "ddl-tc" else pytest.param(name, marks=pytest.mark.slow) for name in ALL_PRESETS]
+)
+def test_torch_compile_traces_every_preset(name):
+    # forward and backward through AOTAutograd; ddl-tc (rewrite, token convolution, EC) runs by default
+    _compiled_logits_match(name, "aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL_PRESETS)
+def test_torch_compile_inductor_every_preset(name):
+    _compiled_logits_match(name, "inductor")
