@@ -3,7 +3,8 @@
 Every preset is built once, then the measurements run interleaved (A B C A B C ...) after warm-up rounds, and the
 medians over the repetitions are reported with their ratios to `baseline` from the same run. Peak memory of a
 training step is CUDA's `max_memory_allocated`, or on CPU the peak resident memory of a fresh subprocess per preset
-(above its resident memory after imports).
+(above its resident memory after imports). A preset named `NAME@reference` runs with the reference operators of
+`delta_ops` in the same rounds, which gives a before/after comparison under the same machine load.
 """
 
 import json
@@ -44,7 +45,10 @@ METRICS = ("train_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", 
 class BenchmarkArguments:
     presets: list[str] = field(
         default_factory=lambda: ["baseline", "ddl-scalar", "ddl-cc", "ddl-tc"],
-        metadata={"help": "Presets to compare; `baseline` is added first if missing (ratios are to it)."},
+        metadata={
+            "help": "Presets to compare; `baseline` is added first if missing (ratios are to it). `NAME@reference` "
+            "runs a preset with the reference operators in the same interleaved rounds (a before/after comparison)."
+        },
     )
     size: str = field(default="cpu", metadata={"help": f"Model size: {', '.join([*BENCHMARK_SIZES, *SIZES])}."})
     device: str = field(default="cpu", metadata={"help": "Device, e.g. cpu or cuda."})
@@ -81,7 +85,12 @@ class BenchmarkArguments:
                 f"BenchmarkArguments: invalid implementation={self.implementation!r}; "
                 f"allowed values are {delta_ops.IMPLEMENTATIONS}."
             )
-        unknown = [name for name in self.presets if name not in PRESETS]
+        unknown = [
+            name
+            for name in self.presets
+            if split_variant(name, self.implementation)[0] not in PRESETS
+            or split_variant(name, self.implementation)[1] not in delta_ops.IMPLEMENTATIONS
+        ]
         if unknown or self.size not in {**BENCHMARK_SIZES, **SIZES}:
             raise ValueError(
                 f"BenchmarkArguments: invalid presets={unknown} or size={self.size!r}; presets are {list(PRESETS)}, "
@@ -115,12 +124,19 @@ def _timed(args: BenchmarkArguments, fn: Callable[[], Any]) -> float:
     return clock() - start
 
 
+def split_variant(name: str, default_implementation: str = "fused") -> tuple[str, str]:
+    """`"ddl-cc@reference"` -> `("ddl-cc", "reference")`; a plain preset name runs the default implementation."""
+    preset, _, implementation = name.partition("@")
+    return preset, implementation or default_implementation
+
+
 class _Runner:
-    """One preset's model, optimiser and inputs, and its timed steps."""
+    """One preset's model, optimiser and inputs, and its timed steps, run with its operator implementation."""
 
     def __init__(self, name: str, args: BenchmarkArguments):
         self.name, self.args = name, args
-        self.model = build_model(name, args)
+        preset, self.implementation = split_variant(name, args.implementation)
+        self.model = build_model(preset, args)
         self.parameters = self.model.num_parameters()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.forward = torch.compile(self.model) if args.compile else self.model
@@ -162,13 +178,19 @@ class _Runner:
     def round(self) -> dict[str, Any]:
         args = self.args
         tokens = args.batch_size * args.seq_len
-        return {
-            "train_tokens_per_s": tokens / _timed(args, self.train_step),
-            "prefill_tokens_per_s": tokens / _timed(args, self.prefill),
-            "decode_tokens_per_s": {
-                f"batch_{batch}": batch * args.decode_tokens / self.decode(batch) for batch in args.decode_batch_sizes
-            },
-        }
+        previous = delta_ops.get_implementation()
+        delta_ops.set_implementation(self.implementation)
+        try:
+            return {
+                "train_tokens_per_s": tokens / _timed(args, self.train_step),
+                "prefill_tokens_per_s": tokens / _timed(args, self.prefill),
+                "decode_tokens_per_s": {
+                    f"batch_{batch}": batch * args.decode_tokens / self.decode(batch)
+                    for batch in args.decode_batch_sizes
+                },
+            }
+        finally:
+            delta_ops.set_implementation(previous)
 
 
 def _median_record(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -253,9 +275,9 @@ def _memory_probe(name: str, args: dict[str, Any], steps: int) -> float:
     args = BenchmarkArguments(**{**args, "compile": False})
     if args.threads:
         torch.set_num_threads(args.threads)
-    delta_ops.set_implementation(args.implementation)
     before = _status_mb("VmRSS")
     runner = _Runner(name, args)
+    delta_ops.set_implementation(runner.implementation)
     for _ in range(steps):
         runner.train_step()
     return _status_mb("VmHWM") - before
@@ -287,22 +309,17 @@ def run_benchmark(args: BenchmarkArguments, log: Callable[[str], None] | None = 
     if args.threads:
         torch.set_num_threads(args.threads)
     presets = ["baseline", *[name for name in args.presets if name != "baseline"]]
-    previous = delta_ops.get_implementation()
-    delta_ops.set_implementation(args.implementation)
-    try:
-        started = environment()
-        runners = [_Runner(name, args) for name in presets]
-        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in presets}
-        for index in range(args.warmup + args.repeats):
-            for runner in runners:
-                result = runner.round()
-                if index >= args.warmup:
-                    rounds[runner.name].append(result)
-            log(f"round {index + 1}/{args.warmup + args.repeats} done")
-        parameters = {runner.name: runner.parameters for runner in runners}
-        del runners
-    finally:
-        delta_ops.set_implementation(previous)
+    started = environment()
+    runners = [_Runner(name, args) for name in presets]
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in presets}
+    for index in range(args.warmup + args.repeats):
+        for runner in runners:
+            result = runner.round()
+            if index >= args.warmup:
+                rounds[runner.name].append(result)
+        log(f"round {index + 1}/{args.warmup + args.repeats} done")
+    parameters = {runner.name: runner.parameters for runner in runners}
+    del runners
 
     peaks = measure_peak_memory_mb(presets, args) if args.memory else dict.fromkeys(presets)
     records = []

@@ -262,9 +262,12 @@ class _FusedChannelMix(torch.autograd.Function):
 
 
 def fused_channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`channel_mix` without temporaries, and with a channel-major gradient."""
+    """`channel_mix` without temporaries, and with a channel-major gradient. A few tokens (decoding) take the two
+    operations of the reference instead: there, every extra operation costs more than the pass over the state."""
     if torch.is_grad_enabled() and (state.requires_grad or weight.requires_grad):
         return _FusedChannelMix.apply(state, weight)
+    if state.numel() <= 64 * state.shape[-1] * state.shape[-2]:
+        return channel_mix(state, weight)
     return _mix_channels(state, weight.to(state.dtype))
 
 
@@ -306,10 +309,12 @@ def rewrite_function(mode: str) -> Callable[..., torch.Tensor]:
 
 
 def channel_mix_function() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The CC mixing (also the final readout) in the chosen implementation."""
     return fused_channel_mix if _implementation == "fused" else channel_mix
 
 
-def token_mix_function() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def token_mix_function() -> Callable[..., torch.Tensor]:
+    """The TC mixing in the chosen implementation."""
     return fused_token_mix if _implementation == "fused" else token_mix
 
 

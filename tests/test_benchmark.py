@@ -76,11 +76,12 @@ def test_outputs_are_written(report):
     assert "| ddl-cc |" in table
 
 
-def test_implementation_setting_is_restored(tmp_path):
-    args = tiny_arguments(tmp_path, presets=["baseline"], repeats=1, memory=False, implementation="reference")
+def test_reference_variants_run_in_the_same_rounds(tmp_path):
+    args = tiny_arguments(tmp_path, presets=["ddl-tc@reference", "ddl-tc"], repeats=1, memory=False)
     report = run_benchmark(args, log=None)
-    assert report["settings"]["implementation"] == "reference"
-    assert [record["peak_memory_mb"] for record in report["results"]] == [None]
+    assert [record["preset"] for record in report["results"]] == ["baseline", "ddl-tc@reference", "ddl-tc"]
+    assert report["results"][1]["parameters"] == report["results"][2]["parameters"]
+    assert [record["peak_memory_mb"] for record in report["results"]] == [None] * 3
     assert delta_ops.get_implementation() == "fused"
 
 
@@ -93,3 +94,5 @@ def test_cli_parses_its_flags():
     assert args.presets == ["ddl-cc", "ddl-tc"] and args.dtype == "bfloat16" and args.compile and args.seq_len == 4
     with pytest.raises(ValueError, match="timer"):
         BenchmarkArguments(timer="cycles")
+    with pytest.raises(ValueError, match="presets"):
+        BenchmarkArguments(presets=["ddl-cc@triton"])
