@@ -141,20 +141,24 @@ class DDLCausalTokenConv(nn.Module):
         self.layer_idx, self.state_idx = layer_idx, state_idx
         self.weight = nn.Parameter(torch.empty(out_channels, 1, kernel_size))
 
+    def cached_history(self, inputs: torch.Tensor, cache: Cache | None) -> torch.Tensor | None:
+        """Store `inputs` `(B, C, T)` in the cache; return the `kernel_size - 1` inputs before them `(B, C, K - 1)`,
+        or None at the start of a sequence (or without a cache)."""
+        history_len = self.kernel_size - 1
+        if cache is None or history_len == 0:
+            return None
+        has_history = cache.get_conv_state(self.layer_idx, self.state_idx) is not None
+        window = cache.update_conv_state(inputs, self.layer_idx, self.state_idx, conv_kernel_size=history_len)
+        return window[..., :history_len] if has_history else None
+
     def forward(
         self, x: torch.Tensor, cache: Cache | None = None, token_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         if token_mask is not None:
             x = x * token_mask.unsqueeze(-1).to(x.dtype)
         x = x.transpose(1, 2)  # (B, in_channels, T)
-        history = self.kernel_size - 1
-        if cache is not None and history > 0:
-            has_history = cache.get_conv_state(self.layer_idx, self.state_idx) is not None
-            window = cache.update_conv_state(x, self.layer_idx, self.state_idx, conv_kernel_size=history)
-            if not has_history:
-                window = F.pad(x, (history, 0))
-        else:
-            window = F.pad(x, (history, 0))  # (B, in_channels, history + T)
+        history = self.cached_history(x, cache)
+        window = F.pad(x, (self.kernel_size - 1, 0)) if history is None else torch.cat([history, x], -1)
         out = F.conv1d(window, self.weight.to(x.dtype), groups=self.in_channels)  # (B, out_channels, T)
         return out.transpose(1, 2)
 
@@ -182,20 +186,17 @@ class DDLTokenCompressor(nn.Module):
         self.read = nn.Parameter(torch.empty(config.value_channels))
 
     def forward(self, state: torch.Tensor, cache: Cache | None = None, token_mask: torch.Tensor | None = None):
-        conv, (seq_len, hidden, value_channels) = self.token_conv, state.shape[1:]
-        history_len = conv.kernel_size - 1
+        hidden, value_channels = state.shape[-2:]
         if token_mask is not None:
             state = state * token_mask[:, :, None, None].to(state.dtype)
         history = None
-        if cache is not None and history_len > 0:
-            # the cache keeps the last K - 1 inputs as (B, d_v * d, K - 1), time last
-            has_history = cache.get_conv_state(conv.layer_idx, conv.state_idx) is not None
-            inputs = channel_major(state).flatten(2).transpose(1, 2)
-            window = cache.update_conv_state(inputs, conv.layer_idx, conv.state_idx, conv_kernel_size=history_len)
-            if has_history:
-                history = window[..., -(history_len + seq_len) : -seq_len].transpose(1, 2)  # (B, K - 1, d_v * d)
-                history = history.unflatten(-1, (value_channels, hidden)).transpose(-1, -2)  # (B, K - 1, d, d_v)
-        return token_mix_function()(state, conv.weight, self.read, history)  # (B, T, d)
+        if cache is not None:  # the cache keeps inputs channel-major, time last: (B, d_v * d, K - 1)
+            history = self.token_conv.cached_history(channel_major(state).flatten(2).transpose(1, 2), cache)
+        if history is not None:
+            history = (
+                history.transpose(1, 2).unflatten(-1, (value_channels, hidden)).transpose(-1, -2)
+            )  # (B, K-1, d, d_v)
+        return token_mix_function()(state, self.token_conv.weight, self.read, history)  # (B, T, d)
 
 
 class DDLEmbeddingExpansion(nn.Module):
