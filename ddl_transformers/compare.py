@@ -23,7 +23,7 @@ import transformers
 
 from .data import corpus_documents, load_corpus, train_tokenizer
 from .diagnostics import audit_gates, write_audit
-from .evaluation import evaluate_perplexity, load_causal_lm, resolve_benchmark
+from .evaluation import load_causal_lm, resolve_benchmark
 from .hub import write_model_card
 from .plots import plot_comparison_losses, plot_perplexity_bars
 from .presets import PRESETS, preset_config
@@ -34,6 +34,7 @@ from .training import (
     describe_hardware,
     parse_config_overrides,
     run_training,
+    score_with_block_windows,
 )
 
 BASELINE = "baseline"
@@ -211,13 +212,8 @@ def evaluate_run(run: dict[str, Any], benchmarks: dict[str, list[str]], args: Co
         return
     model, tokenizer = load_causal_lm(run["folder"])
     for name in missing:
-        run["evaluations"][name] = evaluate_perplexity(
-            model,
-            tokenizer,
-            benchmarks[name],
-            max_length=args.block_size,
-            stride=max(args.block_size // 2, 1),
-            batch_size=args.eval_batch_size,
+        run["evaluations"][name] = score_with_block_windows(
+            model, tokenizer, benchmarks[name], args.block_size, args.eval_batch_size
         )
 
 
@@ -241,14 +237,7 @@ def evaluate_reference(spec: str, benchmarks: dict[str, list[str]], args: Compar
         "source": spec,
         "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         "evaluations": {
-            name: evaluate_perplexity(
-                model,
-                tokenizer,
-                documents,
-                max_length=args.block_size,
-                stride=max(args.block_size // 2, 1),
-                batch_size=args.eval_batch_size,
-            )
+            name: score_with_block_windows(model, tokenizer, documents, args.block_size, args.eval_batch_size)
             for name, documents in benchmarks.items()
         },
     }
@@ -445,12 +434,12 @@ def run_comparison(args: CompareArguments) -> str:
     started = time.perf_counter()
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(args.dataset_name, max_train_samples=args.max_train_samples)
     tokenizer_dir = output / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():
-        corpus = load_corpus(args.dataset_name, max_train_samples=args.max_train_samples)
         train_tokenizer(corpus["train"], vocab_size=args.vocab_size).save_pretrained(tokenizer_dir)
     benchmarks = dict(resolve_benchmark(spec, max_documents=args.max_eval_samples) for spec in args.benchmark)
-    audit_text = corpus_documents(load_corpus(args.dataset_name)["validation"])
+    audit_text = corpus_documents(corpus["validation"])
     args.benchmark = list(benchmarks)
     runs = []
     for seed in args.seed_list:

@@ -384,6 +384,20 @@ def _first_rows(dataset, count: int | None):
     return dataset if count is None else dataset.select(range(min(count, len(dataset))))
 
 
+def score_with_block_windows(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    documents: list[str],
+    block_size: int,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Perplexity with the windows every report of this project uses: `block_size` tokens, stride `block_size // 2`."""
+    stride = max(block_size // 2, 1)
+    return evaluate_perplexity(
+        model, tokenizer, documents, max_length=block_size, stride=stride, batch_size=batch_size
+    )
+
+
 def evaluate_splits(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, corpus, data_args: DataArguments
 ) -> list[dict[str, Any]]:
@@ -394,14 +408,7 @@ def evaluate_splits(
     model.eval()
     for split in ("validation", "test"):
         documents = corpus_documents(corpus[split], "text")
-        record = evaluate_perplexity(
-            model,
-            tokenizer,
-            documents,
-            max_length=data_args.block_size,
-            stride=max(data_args.block_size // 2, 1),
-            batch_size=16,
-        )
+        record = score_with_block_windows(model, tokenizer, documents, data_args.block_size)
         records.append({"model": "this model", "benchmark": f"{name}:{split}", "split": split, **record})
     return records
 
