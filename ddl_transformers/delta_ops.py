@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .state_tape import record_rewrite
+
 IMPLEMENTATIONS = ("fused", "reference")
 _implementation = "fused"
 
@@ -103,6 +105,16 @@ def token_mix(
     return mixed.transpose(1, 2).unflatten(-1, (hidden, value_channels)) @ read.to(states.dtype)
 
 
+def expand_embeddings(window: torch.Tensor, conv_weight: torch.Tensor) -> torch.Tensor:
+    """EC: a causal depthwise convolution over tokens from `d` features to `d * d_v` channels (channel `i * d_v + j`).
+
+    `window` `(B, K - 1 + T, d)`: the `K - 1` inputs before the first token (zeros at the start), then the `T` inputs;
+    `conv_weight` `(d * d_v, 1, K)`. Returns the states `(B, T, d, d_v)`."""
+    hidden = window.shape[-1]
+    expanded = F.conv1d(window.transpose(1, 2), conv_weight.to(window.dtype), groups=hidden)  # (B, d * d_v, T)
+    return expanded.transpose(1, 2).unflatten(-1, (hidden, -1))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fused operators
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,10 +166,19 @@ def _add_outer(state: torch.Tensor, channels: torch.Tensor, weights: torch.Tenso
     return out
 
 
+def _combine_into(out: torch.Tensor, weights: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """`out += X w` in place (see `_combine`)."""
+    if channels.dim() == weights.dim():
+        return out.addcmul_(weights, channels)
+    out.unsqueeze(1).baddbmm_(weights.unsqueeze(1), channels)
+    return out
+
+
 def _rewrite_forward(
     state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float, erase: bool
 ) -> tuple[torch.Tensor, ...]:
-    """The new state and what backward needs: the flat channels, `k`, `1 / sqrt(||h||^2 + eps^2)` and `v - k^T X`."""
+    """The new state `X + h c^T`, `c = beta (v - k^T X) / sqrt(||h||^2 + eps^2)`, and what backward needs: the flat
+    channels, `h`, the scale `1 / sqrt(||h||^2 + eps^2)`, `beta`, `k^T X`, the error `v - k^T X` and `c`."""
     if state.dim() == direction.dim():  # scalar state: every tensor keeps its leading shape
         channels = state
     else:
@@ -166,36 +187,45 @@ def _rewrite_forward(
         beta = beta.reshape(-1, 1)
     h = _wide(direction)
     scale = torch.linalg.vecdot(h, h).unsqueeze(-1).add_(eps * eps).rsqrt_()
-    k = h * scale
-    error = _wide(target) - _read(_wide(channels), k) if erase else _wide(target)
-    return _add_outer(state, channels, beta * error, k), channels, k, scale, error
+    read = _read(_wide(channels), h).mul_(scale) if erase else None
+    error = _wide(target) - read if erase else _wide(target)
+    coef = beta * error * scale
+    new_state = _add_outer(state, channels, coef, direction)
+    return new_state, channels, direction, scale, beta, read, error, coef
 
 
 class _FusedRewrite(torch.autograd.Function):
-    """The rewrite as one node: saves the input state (only to erase), `k` and per-token scalars."""
+    """The rewrite as one node. Saves the input state (only to erase), `h` and per-token scalars; also returns the
+    weights `c` of `X + h c^T` (not differentiable), with which a `StateTape` can undo the rewrite."""
 
     @staticmethod
     def forward(ctx, state, direction, target, beta, eps: float, erase: bool):
         ctx.erase, ctx.inputs = erase, [(t.shape, t.dtype) for t in (direction, target, beta)]
-        new_state, channels, k, scale, error = _rewrite_forward(state, direction, target, beta, eps, erase)
-        ctx.save_for_backward(channels if erase else None, k, scale, beta.reshape(scale.shape), error)
-        return new_state
+        new_state, channels, h, scale, beta, read, error, coef = _rewrite_forward(
+            state, direction, target, beta, eps, erase
+        )
+        ctx.save_for_backward(channels if erase else None, h, scale, beta, read, error)
+        ctx.mark_non_differentiable(coef)
+        return new_state, coef
 
     @staticmethod
-    def backward(ctx, grad_out):
-        channels, k, scale, beta, error = ctx.saved_tensors
-        grad = grad_out if grad_out.dim() == k.dim() else _flat(grad_out)
-        grad_wide = _wide(grad)
-        k_grad = _read(grad_wide, k)  # k^T G
+    def backward(ctx, grad_out, _grad_coef):
+        channels, h, scale, beta, read, error = ctx.saved_tensors
+        grad = grad_out if grad_out.dim() == h.dim() else _flat(grad_out)
+        grad_wide, h_wide = _wide(grad), _wide(h)
+        k_grad = _read(grad_wide, h_wide).mul_(scale)  # k^T G, (..., d_v)
         grad_target, grad_beta = beta * k_grad, (error * k_grad).sum(-1, keepdim=True)
-        grad_k = _combine(beta * error, grad_wide)
-        grad_state = grad_out
+        # dL/dk = G (beta e) - X (beta k^T G), and dL/dh = scale (dL/dk - k k^T dL/dk)
+        write_weights = beta * error
+        k_dot = (write_weights * k_grad).sum(-1, keepdim=True)
+        grad_direction = _combine(write_weights * scale, grad_wide)
         if ctx.erase:
-            grad_read = -grad_target
-            grad_k = grad_k + _combine(grad_read, _wide(channels))
-            if ctx.needs_input_grad[0]:
-                grad_state = _add_outer(grad_out, grad, grad_read, k)  # G - beta k (k^T G)
-        grad_direction = scale * (grad_k - k * torch.linalg.vecdot(k, grad_k).unsqueeze(-1))
+            k_dot = k_dot - (grad_target * read).sum(-1, keepdim=True)
+            _combine_into(grad_direction, -grad_target * scale, _wide(channels))
+        grad_direction.addcmul_(h_wide, k_dot * scale.square(), value=-1)
+        grad_state = grad_out
+        if ctx.erase and ctx.needs_input_grad[0]:
+            grad_state = _add_outer(grad_out, grad, -grad_target * scale, h)  # G - beta k (k^T G)
         grads = [
             g.reshape(shape).to(dtype)
             for g, (shape, dtype) in zip((grad_direction, grad_target, grad_beta), ctx.inputs)
@@ -212,9 +242,11 @@ def _fused_rewrite(
         return reference(state, direction, target, beta, eps)  # broadcasting shapes: rare, not worth a kernel
     beta = _wide(beta)
     needs_grad = state.requires_grad or direction.requires_grad or target.requires_grad or beta.requires_grad
-    if needs_grad and torch.is_grad_enabled():
-        return _FusedRewrite.apply(state, direction, target, beta, eps, erase)
-    return _rewrite_forward(state, direction, target, beta, eps, erase)[0]
+    if not (needs_grad and torch.is_grad_enabled()):
+        return _rewrite_forward(state, direction, target, beta, eps, erase)[0]
+    new_state, coef = _FusedRewrite.apply(state, direction, target, beta, eps, erase)
+    record_rewrite(new_state, state, direction, coef.view(*lead, -1))
+    return new_state
 
 
 def fused_delta_update(
@@ -293,6 +325,67 @@ def fused_token_mix(
     return mixed[:, :, :seq_len, 0].transpose(1, 2)  # (B, T, d)
 
 
+def _expansion_taps(conv_weight: torch.Tensor, hidden: int) -> torch.Tensor:
+    """The EC convolution weight `(d * d_v, 1, K)` as taps `(K, d_v, d)`."""
+    return conv_weight.view(hidden, -1, conv_weight.shape[-1]).permute(2, 1, 0)
+
+
+def _expand(window: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """`sum_tap window[:, tap : tap + T, :] * taps[tap]` into a new channel-major state `(B, T, d, d_v)`."""
+    batch, length, hidden = window.shape
+    kernel_size, value_channels = taps.shape[:2]
+    seq_len = length - kernel_size + 1
+    out = _empty_channel_major(torch.Size((batch, seq_len, hidden, value_channels)), window)
+    channels = out.transpose(-1, -2)  # (B, T, d_v, d), contiguous
+    torch.mul(window[:, :seq_len, None, :], taps[0], out=channels)
+    for tap in range(1, kernel_size):
+        channels.addcmul_(window[:, tap : tap + seq_len, None, :], taps[tap])
+    return out
+
+
+class _FusedExpansion(torch.autograd.Function):
+    """EC as `K` multiply-adds into a channel-major state (one per tap), with a matching backward."""
+
+    @staticmethod
+    def forward(ctx, window, conv_weight):
+        taps = _expansion_taps(conv_weight, window.shape[-1]).to(window.dtype)  # (K, d_v, d)
+        ctx.save_for_backward(window, taps)
+        ctx.weight_dtype = conv_weight.dtype
+        return _expand(window, taps)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        window, taps = ctx.saved_tensors
+        kernel_size, value_channels, hidden = taps.shape
+        grad = channel_major(grad_out).to(window.dtype)  # (B, T, d_v, d)
+        seq_len = grad.shape[1]
+        grad_window = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_window = torch.zeros_like(window)
+            for tap in range(kernel_size):
+                inputs = grad_window[:, tap : tap + seq_len]
+                for channel in range(value_channels):
+                    inputs.addcmul_(grad[:, :, channel], taps[tap, channel])
+        if ctx.needs_input_grad[1]:
+            products = torch.empty_like(grad)
+            grad_taps = torch.stack(
+                [
+                    torch.mul(grad, window[:, tap : tap + seq_len, None, :], out=products).sum((0, 1))
+                    for tap in range(kernel_size)
+                ]
+            )  # (K, d_v, d)
+            grad_weight = grad_taps.permute(2, 1, 0).reshape(hidden * value_channels, 1, kernel_size)
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        return grad_window, grad_weight
+
+
+def fused_expand_embeddings(window: torch.Tensor, conv_weight: torch.Tensor) -> torch.Tensor:
+    """`expand_embeddings` as one autograd function of `K` multiply-adds; the result is channel-major."""
+    if torch.is_grad_enabled() and (window.requires_grad or conv_weight.requires_grad):
+        return _FusedExpansion.apply(window, conv_weight)
+    return _expand(window, _expansion_taps(conv_weight, window.shape[-1]).to(window.dtype))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The one place that chooses
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,6 +406,11 @@ def channel_mix_function() -> Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     return fused_channel_mix if _implementation == "fused" else channel_mix
 
 
+def expansion_function() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """EC in the chosen implementation."""
+    return fused_expand_embeddings if _implementation == "fused" else expand_embeddings
+
+
 def token_mix_function() -> Callable[..., torch.Tensor]:
     """The TC mixing in the chosen implementation."""
     return fused_token_mix if _implementation == "fused" else token_mix
@@ -324,6 +422,9 @@ __all__ = [
     "channel_mix",
     "channel_mix_function",
     "delta_update",
+    "expand_embeddings",
+    "expansion_function",
+    "fused_expand_embeddings",
     "fused_channel_mix",
     "fused_delta_update",
     "fused_token_mix",

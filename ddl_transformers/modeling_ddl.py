@@ -8,6 +8,7 @@ Each sublayer of `DDLDecoderLayer` runs Compress - Process - Rewrite:
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,15 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ddl import DDLConfig
-from .delta_ops import channel_major, channel_mix_function, rewrite_function, token_mix_function
+from . import state_tape
+from .delta_ops import (
+    channel_major,
+    channel_mix_function,
+    expansion_function,
+    get_implementation,
+    rewrite_function,
+    token_mix_function,
+)
 
 # Slots of the token-convolution states in each cache layer.
 ATTN_CONV_STATE, MLP_CONV_STATE, EMBEDDING_CONV_STATE = 0, 1, 2
@@ -127,12 +136,11 @@ class DDLAttention(nn.Module):
 
 
 class DDLCausalTokenConv(nn.Module):
-    """Causal depthwise convolution along tokens, `(B, T, in_channels) -> (B, T, out_channels)`.
+    """The weight `(out_channels, 1, K)` of a causal depthwise convolution along tokens and its slot in the cache.
 
-    Each input channel feeds `out_channels // in_channels` outputs. Positions where `token_mask` is 0 (padding) are
-    zeroed before the convolution, so padding reads like the zeros before the first token. With a cache, the last
-    `kernel_size - 1` inputs are kept in the cache's convolution state `state_idx` of layer `layer_idx`.
-    Initialised to the identity on the current token (every output copies its input channel).
+    Each input channel feeds `out_channels // in_channels` outputs. With a cache, the last `kernel_size - 1` inputs
+    are kept in the cache's convolution state `state_idx` of layer `layer_idx`. Initialised to the identity on the
+    current token (every output copies its input channel). The convolutions themselves are `delta_ops` operators.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, layer_idx: int, state_idx: int):
@@ -150,17 +158,6 @@ class DDLCausalTokenConv(nn.Module):
         has_history = cache.get_conv_state(self.layer_idx, self.state_idx) is not None
         window = cache.update_conv_state(inputs, self.layer_idx, self.state_idx, conv_kernel_size=history_len)
         return window[..., :history_len] if has_history else None
-
-    def forward(
-        self, x: torch.Tensor, cache: Cache | None = None, token_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if token_mask is not None:
-            x = x * token_mask.unsqueeze(-1).to(x.dtype)
-        x = x.transpose(1, 2)  # (B, in_channels, T)
-        history = self.cached_history(x, cache)
-        window = F.pad(x, (self.kernel_size - 1, 0)) if history is None else torch.cat([history, x], -1)
-        out = F.conv1d(window, self.weight.to(x.dtype), groups=self.in_channels)  # (B, out_channels, T)
-        return out.transpose(1, 2)
 
 
 class DDLChannelCompressor(nn.Module):
@@ -213,8 +210,14 @@ class DDLEmbeddingExpansion(nn.Module):
         )
 
     def forward(self, embeds: torch.Tensor, cache: Cache | None = None, token_mask: torch.Tensor | None = None):
-        expanded = self.token_conv(embeds, cache, token_mask)  # (B, T, d * d_v)
-        return expanded.unflatten(-1, (embeds.shape[-1], self.value_channels))
+        if token_mask is not None:  # padding reads like the zeros before the first token
+            embeds = embeds * token_mask.unsqueeze(-1).to(embeds.dtype)
+        history = self.token_conv.cached_history(embeds.transpose(1, 2), cache)  # (B, d, K - 1)
+        if history is None:
+            window = F.pad(embeds, (0, 0, self.token_conv.kernel_size - 1, 0))
+        else:
+            window = torch.cat([history.transpose(1, 2), embeds], 1)  # (B, K - 1 + T, d)
+        return expansion_function()(window, self.token_conv.weight)  # (B, T, d, d_v)
 
 
 class DDLGateProjection(nn.Linear):
@@ -392,7 +395,20 @@ class DDLModel(DDLPreTrainedModel):
             return inputs_embeds
         if self.embedding_expansion is not None:
             return self.embedding_expansion(inputs_embeds, cache, token_mask)
-        return inputs_embeds.unsqueeze(-1).expand(*inputs_embeds.shape, self.config.value_channels)
+        copies = inputs_embeds.unsqueeze(-2).expand(*inputs_embeds.shape[:-1], self.config.value_channels, -1)
+        return copies.contiguous().transpose(-1, -2)  # channel-major (B, T, d, d_v)
+
+    def _state_recording(self, state: torch.Tensor) -> AbstractContextManager:
+        """Backward rebuilds the residual states from the last one instead of keeping them (see `state_tape`), when
+        autograd runs eagerly with the fused operators and without gradient checkpointing."""
+        rebuild = (
+            torch.is_grad_enabled()
+            and self.config.residual_mode != "additive"
+            and get_implementation() == "fused"
+            and not (self.gradient_checkpointing and self.training)
+            and not torch.compiler.is_compiling()
+        )
+        return state_tape.recording(state) if rebuild else nullcontext()
 
     def _check_cache(self, cache: Cache | None) -> None:
         if cache is None or "hybrid" not in self.config.layer_types:
@@ -449,19 +465,19 @@ class DDLModel(DDLPreTrainedModel):
         state = self.initial_state(inputs_embeds, cache, token_mask)  # (B, T, d) or (B, T, d, d_v)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
 
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            state = decoder_layer(
-                state,
-                attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
-                token_mask=token_mask,
-                **kwargs,
-            )
-
-        hidden_states = state if self.state_readout is None else self.state_readout(state)  # (B, T, d)
+        with self._state_recording(state):
+            for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+                state = decoder_layer(
+                    state,
+                    attention_mask=causal_mask,
+                    position_embeddings=position_embeddings,
+                    position_ids=position_ids,
+                    cache=cache,
+                    use_cache=use_cache,
+                    token_mask=token_mask,
+                    **kwargs,
+                )
+            hidden_states = state if self.state_readout is None else self.state_readout(state)  # (B, T, d)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
