@@ -158,7 +158,8 @@ def _combine(weights: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
 def _add_outer(state: torch.Tensor, channels: torch.Tensor, weights: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """`X + k w^T` as a new tensor shaped like `state`, from its flat channels (channel-major for `d_v > 1`)."""
     dtype = channels.dtype
-    weights, k = weights.to(dtype), k.to(dtype)
+    if weights.dtype != dtype or k.dtype != dtype:
+        weights, k = weights.to(dtype), k.to(dtype)
     if channels.dim() == k.dim():
         return torch.addcmul(channels, weights, k)
     out = _empty_channel_major(state.shape, channels)
@@ -189,7 +190,7 @@ def _rewrite_forward(
     scale = torch.linalg.vecdot(h, h).unsqueeze(-1).add_(eps * eps).rsqrt_()
     read = _read(_wide(channels), h).mul_(scale) if erase else None
     error = _wide(target) - read if erase else _wide(target)
-    coef = beta * error * scale
+    coef = error * beta * scale
     new_state = _add_outer(state, channels, coef, direction)
     return new_state, channels, direction, scale, beta, read, error, coef
 
@@ -285,7 +286,8 @@ class _FusedChannelMix(torch.autograd.Function):
         grad_state = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_state = _empty_channel_major(state.shape, grad_out)
-            torch.mul(grad_out.unsqueeze(-1), weight.to(grad_out.dtype), out=grad_state)
+            weight_rows = weight.t().contiguous().to(grad_out.dtype)  # (d_v, d)
+            torch.mul(grad_out.unsqueeze(-2), weight_rows, out=grad_state.transpose(-1, -2))
         if ctx.needs_input_grad[1]:
             grad = grad_out.reshape(-1, state.shape[-2])
             columns = [(grad * state[..., j].reshape(grad.shape)).sum(0) for j in range(state.shape[-1])]
@@ -326,8 +328,8 @@ def fused_token_mix(
 
 
 def _expansion_taps(conv_weight: torch.Tensor, hidden: int) -> torch.Tensor:
-    """The EC convolution weight `(d * d_v, 1, K)` as taps `(K, d_v, d)`."""
-    return conv_weight.view(hidden, -1, conv_weight.shape[-1]).permute(2, 1, 0)
+    """The EC convolution weight `(d * d_v, 1, K)` as contiguous taps `(K, d_v, d)`."""
+    return conv_weight.view(hidden, -1, conv_weight.shape[-1]).permute(2, 1, 0).contiguous()
 
 
 def _expand(window: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:

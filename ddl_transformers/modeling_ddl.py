@@ -34,7 +34,6 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ddl import DDLConfig
-from . import state_tape
 from .delta_ops import (
     channel_major,
     channel_mix_function,
@@ -43,6 +42,7 @@ from .delta_ops import (
     rewrite_function,
     token_mix_function,
 )
+from .state_tape import record_states
 
 # Slots of the token-convolution states in each cache layer.
 ATTN_CONV_STATE, MLP_CONV_STATE, EMBEDDING_CONV_STATE = 0, 1, 2
@@ -264,11 +264,25 @@ class DDLDeltaResidual(nn.Module):
             value = self.value_scale * torch.sigmoid(value)
         return value
 
+    def target_and_gate(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`target(context)` and `gate(context)` in float32, with one projection for both when the gate is linear."""
+        if self.beta_hidden is not None:
+            return self.target(context).float(), self.gate(context)
+        value_proj, beta_proj = self.value_proj, self.beta_proj
+        weight = torch.cat([value_proj.weight, beta_proj.weight]).float()  # (d_v + 1, d)
+        if value_proj.bias is None:  # linear value
+            value, gate_logit = F.linear(context.float(), weight).split([weight.shape[0] - 1, 1], -1)
+            return value, torch.sigmoid(gate_logit + beta_proj.bias.float()).mul_(2.0)
+        bias = torch.cat([value_proj.bias, beta_proj.bias]).float()
+        probabilities = torch.sigmoid(F.linear(context.float(), weight, bias))
+        value, half_beta = probabilities.split([weight.shape[0] - 1, 1], -1)
+        return value * self.value_scale, half_beta * 2.0
+
     def forward(self, state: torch.Tensor, sublayer_output: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.residual_mode == "additive":
             return state + (sublayer_output if state.dim() == sublayer_output.dim() else sublayer_output.unsqueeze(-1))
-        update = rewrite_function(self.residual_mode)
-        return update(state, sublayer_output, self.target(context), self.gate(context), self.eps)
+        target, beta = self.target_and_gate(context)
+        return rewrite_function(self.residual_mode)(state, sublayer_output, target, beta, self.eps)
 
 
 def build_state_compressor(config: DDLConfig, layer_idx: int, state_idx: int) -> nn.Module | None:
@@ -408,7 +422,7 @@ class DDLModel(DDLPreTrainedModel):
             and not (self.gradient_checkpointing and self.training)
             and not torch.compiler.is_compiling()
         )
-        return state_tape.recording(state) if rebuild else nullcontext()
+        return record_states(state) if rebuild else nullcontext()
 
     def _check_cache(self, cache: Cache | None) -> None:
         if cache is None or "hybrid" not in self.config.layer_types:

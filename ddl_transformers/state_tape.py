@@ -31,6 +31,7 @@ class StateTape:
         self.states: list[weakref.ref] = []  # weak: the forward's states are freed as usual
         self.index_of: dict[int, int] = {}  # data_ptr -> index, for the states that may still be saved as tokens
         self.rewrites: list[tuple[torch.Tensor, torch.Tensor]] = []  # (h_i, w_i / ||h_i||): X_{i+1} - X_i
+        self.strides: list[tuple[int, ...]] = []  # each state's memory layout
         self.final: torch.Tensor | None = None  # the last state, kept
         self.buffer: torch.Tensor | None = None  # the state rebuilt last, and its index
         self.buffer_index = -1
@@ -47,6 +48,7 @@ class StateTape:
             self.rewrites.append(rewrite)
         self.index_of[state.data_ptr()] = len(self.states)
         self.states.append(weakref.ref(state))
+        self.strides.append(state.stride())
         self.final = state
 
     def pack(self, tensor: torch.Tensor) -> Any:
@@ -74,6 +76,10 @@ class StateTape:
             self.buffer_index -= 1
             direction, weights = self.rewrites[self.buffer_index]
             undo_rewrite_(self.buffer, direction, weights)
+        if self.buffer.stride() != self.strides[index]:  # e.g. a first state that is not channel-major
+            return torch.empty_strided(self.buffer.shape, self.strides[index], dtype=self.buffer.dtype).copy_(
+                self.buffer
+            )
         return self.buffer
 
 
@@ -93,7 +99,7 @@ def record_rewrite(new_state: torch.Tensor, state: torch.Tensor, direction: torc
 
 
 @contextmanager
-def recording(initial_state: torch.Tensor) -> Iterator[StateTape]:
+def record_states(initial_state: torch.Tensor) -> Iterator[StateTape]:
     """Record the states that follow `initial_state` and save them as tokens until the block ends."""
     tape = StateTape()
     tape.add_state(initial_state)

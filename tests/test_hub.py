@@ -122,7 +122,7 @@ def test_train_script_pushes_the_folder_once(hub: HubStandIn, trained: tuple[Pat
     pushed = set(api.list_repo_files(TRAINED_REPO))
     assert pushed == set(check_folder_for_push(folder)) | {".gitattributes"}
     expected = {
-        "model.safetensors", "config.json", "configuration_ddl.py", "modeling_ddl.py", "delta_ops.py",
+        "model.safetensors", "config.json", "configuration_ddl.py", "modeling_ddl.py", "delta_ops.py", "state_tape.py",
         "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md", "loss_curve.png",
         "evaluation.json", "training_record.json", "eval_results.json", "test_results.json",
     }  # fmt: skip

@@ -36,7 +36,7 @@ def test_saved_folder_loads_as_remote_code_with_identical_logits(tmp_path, name)
     model.save_pretrained(folder)
 
     files = {p.name for p in folder.iterdir()}
-    assert {"configuration_ddl.py", "modeling_ddl.py", "delta_ops.py", "model.safetensors"} <= files
+    assert {"configuration_ddl.py", "modeling_ddl.py", "delta_ops.py", "state_tape.py", "model.safetensors"} <= files
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
@@ -47,7 +47,8 @@ def test_saved_folder_loads_as_remote_code_with_identical_logits(tmp_path, name)
     for code_file in folder.glob("*.py"):
         imports = [line for line in code_file.read_text().splitlines() if line.startswith(("import ", "from "))]
         assert all(
-            line.split()[1].split(".")[0] in {"torch", "transformers", "math", "collections", "typing", ""}
+            line.split()[1].split(".")[0]
+            in {"torch", "transformers", "math", "collections", "contextlib", "contextvars", "typing", "weakref", ""}
             for line in imports
         ), imports
     assert "model.embed_tokens.weight" in load_file(folder / "model.safetensors")

@@ -58,6 +58,7 @@ def test_output_folder_is_hub_ready(trained_folder):
         "configuration_ddl.py",
         "modeling_ddl.py",
         "delta_ops.py",
+        "state_tape.py",
         "tokenizer.json",
         "tokenizer_config.json",
         "generation_config.json",
