@@ -70,12 +70,13 @@ class StateTape:
         alive = self.states[index]()
         if alive is not None:
             return alive
-        if self.buffer is None or self.buffer_index < index:
-            self.buffer, self.buffer_index = self.final.clone(), len(self.states) - 1
+        if self.buffer is None or self.buffer_index < index:  # start again from the last state
+            self.buffer, self.buffer_index = torch.empty_like(self.final), len(self.states) - 1
+            self.buffer_index -= 1
+            undo_rewrite(self.buffer, self.final, *self.rewrites[self.buffer_index])
         while self.buffer_index > index:
             self.buffer_index -= 1
-            direction, weights = self.rewrites[self.buffer_index]
-            undo_rewrite_(self.buffer, direction, weights)
+            undo_rewrite(self.buffer, self.buffer, *self.rewrites[self.buffer_index])
         if self.buffer.stride() != self.strides[index]:  # e.g. a first state that is not channel-major
             return torch.empty_strided(self.buffer.shape, self.strides[index], dtype=self.buffer.dtype).copy_(
                 self.buffer
@@ -83,12 +84,13 @@ class StateTape:
         return self.buffer
 
 
-def undo_rewrite_(state: torch.Tensor, direction: torch.Tensor, weights: torch.Tensor) -> None:
-    """`X -= h w^T` in place, with `h` `(..., d)` and `w` `(..., d_v)` (scalar state: `(..., d)` and `(..., 1)`)."""
+def undo_rewrite(out: torch.Tensor, state: torch.Tensor, direction: torch.Tensor, weights: torch.Tensor) -> None:
+    """`out = X - h w^T` (`out` may be `X`), with `h` `(..., d)` and `w` `(..., d_v)` (scalar state: `(..., 1)`)."""
     if state.dim() == direction.dim():
-        state.addcmul_(weights, direction, value=-1)
+        torch.addcmul(state, weights, direction, value=-1, out=out)
     else:
-        state.transpose(-1, -2).addcmul_(weights.unsqueeze(-1), direction.unsqueeze(-2), value=-1)
+        channels = state.transpose(-1, -2)  # (..., d_v, d)
+        torch.addcmul(channels, weights.unsqueeze(-1), direction.unsqueeze(-2), value=-1, out=out.transpose(-1, -2))
 
 
 def record_rewrite(new_state: torch.Tensor, state: torch.Tensor, direction: torch.Tensor, weights: torch.Tensor):
