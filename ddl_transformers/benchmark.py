@@ -203,6 +203,24 @@ def _median_record(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return record
 
 
+def _paired_ratios(rounds: list[dict[str, Any]], baseline_rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """For each throughput: the median and quartiles over rounds of this preset's figure over the baseline's in the
+    same round. Pairing within a round cancels the slow drift of a shared machine's speed."""
+
+    def summary(ratios: list[float]) -> dict[str, float]:
+        q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        return {"median": statistics.median(ratios), "q1": q1, "q3": q3}
+
+    paired = {}
+    for key, value in baseline_rounds[0].items():
+        pairs = list(zip(rounds, baseline_rounds))
+        if isinstance(value, dict):
+            paired[key] = {sub: summary([r[key][sub] / b[key][sub] for r, b in pairs]) for sub in value}
+        else:
+            paired[key] = summary([r[key] / b[key] for r, b in pairs])
+    return paired
+
+
 def _ratio(value: Any, reference: Any) -> Any:
     if isinstance(value, dict):
         return {key: _ratio(value[key], reference[key]) for key in value}
@@ -330,6 +348,7 @@ def run_benchmark(args: BenchmarkArguments, log: Callable[[str], None] | None = 
         log(f"{name}: {record}")
     for record in records:
         record["ratios"] = {key: _ratio(record[key], records[0][key]) for key in METRICS}
+        record["paired_ratios"] = _paired_ratios(rounds[record["preset"]], rounds[presets[0]])
     finished = environment()
     started["load_average_end"] = finished["load_average"]
     return {"settings": asdict(args), "environment": started, "results": records}
@@ -359,6 +378,22 @@ def markdown_table(report: dict[str, Any]) -> str:
             *[cell(record["decode_tokens_per_s"][b], ratios["decode_tokens_per_s"][b], 1) for b in batches],
             cell(record["peak_memory_mb"], ratios["peak_memory_mb"], 1),
         ]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Paired ratios to `baseline`: the median over rounds of the ratio within each round [quartiles].",
+        "",
+    ]
+    header = ["preset", "train", "prefill", *[f"decode ({batch.replace('_', ' ')})" for batch in batches]]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for record in report["results"]:
+        paired = record["paired_ratios"]
+
+        def spread(summary: dict[str, float]) -> str:
+            return f"{summary['median']:.3f} [{summary['q1']:.3f}, {summary['q3']:.3f}]"
+
+        row = [record["preset"], spread(paired["train_tokens_per_s"]), spread(paired["prefill_tokens_per_s"])]
+        row += [spread(paired["decode_tokens_per_s"][b]) for b in batches]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from ddl_transformers import delta_ops
-from ddl_transformers.benchmark import METRICS, BenchmarkArguments, markdown_table, run_benchmark, write_report
+from ddl_transformers.benchmark import (
+    METRICS,
+    BenchmarkArguments,
+    _paired_ratios,
+    markdown_table,
+    run_benchmark,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,6 +72,31 @@ def test_ratios_are_values_over_the_baseline(report):
     assert report["results"][1]["parameters"] > baseline["parameters"]
 
 
+def test_paired_ratios_pair_each_round_with_the_baselines():
+    baseline_rounds = [
+        {"train_tokens_per_s": 100.0, "decode_tokens_per_s": {"batch_1": 10.0}},
+        {"train_tokens_per_s": 50.0, "decode_tokens_per_s": {"batch_1": 20.0}},
+    ]
+    rounds = [
+        {"train_tokens_per_s": 90.0, "decode_tokens_per_s": {"batch_1": 5.0}},
+        {"train_tokens_per_s": 40.0, "decode_tokens_per_s": {"batch_1": 20.0}},
+    ]
+    paired = _paired_ratios(rounds, baseline_rounds)
+    # per round 0.9 and 0.8 (the ratio of the medians, 65 / 75, would be 0.867)
+    assert paired["train_tokens_per_s"]["median"] == pytest.approx(0.85)
+    assert paired["train_tokens_per_s"]["q1"] <= 0.85 <= paired["train_tokens_per_s"]["q3"]
+    assert paired["decode_tokens_per_s"]["batch_1"]["median"] == pytest.approx(0.75)
+
+
+def test_report_has_paired_ratios(report):
+    report, _ = report
+    for record in report["results"]:
+        train = record["paired_ratios"]["train_tokens_per_s"]
+        assert train["q1"] <= train["median"] <= train["q3"]
+        assert set(record["paired_ratios"]["decode_tokens_per_s"]) == {"batch_1", "batch_2"}
+    assert report["results"][0]["paired_ratios"]["train_tokens_per_s"]["median"] == 1.0
+
+
 def test_outputs_are_written(report):
     report, args = report
     on_disk = json.loads(Path(args.output).read_text())
@@ -72,8 +104,9 @@ def test_outputs_are_written(report):
     assert on_disk["settings"]["seq_len"] == 8 and on_disk["environment"]["torch"]
     table = Path(args.markdown).read_text()
     assert table == markdown_table(report)
-    assert table.count("\n") == 2 + len(report["results"])
-    assert "| ddl-cc |" in table
+    values, paired = table.split("\n\n", 1)
+    assert values.count("\n") == 1 + len(report["results"])  # header, rule, one row per preset
+    assert paired.count("| ddl-cc |") == 1 and values.count("| ddl-cc |") == 1
 
 
 def test_reference_variants_run_in_the_same_rounds(tmp_path):
