@@ -173,6 +173,29 @@ def test_two_layer_gate_and_linear_target():
     assert ((beta > 0) & (beta < 2)).all() and beta.dtype == torch.float32
 
 
+@pytest.mark.parametrize("value_activation", ["sigmoid", "linear"])
+def test_one_projection_gives_the_target_and_gate_and_follows_parameter_changes(value_activation):
+    residual = perturbed_model("ddl-cc", value_activation=value_activation).model.layers[0].attn_residual
+    context = torch.randn(2, 3, residual.value_proj.in_features)
+
+    def separate():
+        return residual.target(context).float(), residual.gate(context)
+
+    for grad_enabled in (True, False):
+        with torch.set_grad_enabled(grad_enabled):
+            for got, expected in zip(residual.target_and_gate(context), separate()):
+                torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    with torch.inference_mode():
+        before = residual.target_and_gate(context)
+        with torch.no_grad():  # an in-place change (an optimiser step, load_state_dict) invalidates the kept weight
+            residual.beta_proj.bias.add_(1.0)
+            residual.value_proj.weight.mul_(0.5)
+        after = residual.target_and_gate(context)
+        for got, expected in zip(after, separate()):
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(after[1], before[1]) and not torch.allclose(after[0], before[0])
+
+
 def test_residual_modes_differ_only_in_the_update():
     context, h = torch.randn(2, 5, 128), torch.randn(2, 5, 128)
     state = torch.randn(2, 5, 128, 4)
