@@ -7,6 +7,7 @@ training step is CUDA's `max_memory_allocated`, or on CPU the peak resident memo
 `delta_ops` in the same rounds, which gives a before/after comparison under the same machine load.
 """
 
+import gc
 import json
 import os
 import platform
@@ -116,12 +117,19 @@ def _synchronize(device: str) -> None:
 
 
 def _timed(args: BenchmarkArguments, fn: Callable[[], Any]) -> float:
+    """Seconds of `fn()`, with Python's garbage collector run before and paused during it (as `timeit` does), so
+    that a collection triggered by one preset's objects is not charged to another."""
     clock = time.process_time if args.timer == "process" else time.perf_counter
-    _synchronize(args.device)
-    start = clock()
-    fn()
-    _synchronize(args.device)
-    return clock() - start
+    gc.collect()
+    gc.disable()
+    try:
+        _synchronize(args.device)
+        start = clock()
+        fn()
+        _synchronize(args.device)
+        return clock() - start
+    finally:
+        gc.enable()
 
 
 def split_variant(name: str, default_implementation: str = "fused") -> tuple[str, str]:

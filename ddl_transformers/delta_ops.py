@@ -195,6 +195,22 @@ def _rewrite_forward(
     return new_state, channels, direction, scale, beta, read, error, coef
 
 
+def _rewrite_without_grad(
+    state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float, erase: bool
+) -> torch.Tensor:
+    """The rewrite in as few operations as possible (decoding runs it for every token): no flattening, no saving;
+    an expanded result takes the input's layout (channel-major in the model)."""
+    h = _wide(direction)
+    scale = torch.linalg.vecdot(h, h).unsqueeze_(-1).add_(eps * eps).rsqrt_()  # (..., 1)
+    dtype = state.dtype
+    if state.dim() == direction.dim():
+        error = target - torch.linalg.vecdot(_wide(state), h).unsqueeze_(-1).mul_(scale) if erase else target
+        return torch.addcmul(state, (error * beta).mul_(scale).to(dtype), direction.to(dtype))
+    column = h.unsqueeze(-1)  # (..., d, 1)
+    error = target - torch.linalg.vecdot(_wide(state), column, dim=-2).mul_(scale) if erase else target
+    return torch.addcmul(state, column.to(dtype), (error * beta).mul_(scale).unsqueeze_(-2).to(dtype))
+
+
 class _FusedRewrite(torch.autograd.Function):
     """The rewrite as one node. Saves the input state (only to erase), `h` and per-token scalars; also returns the
     weights `c` of `X + h c^T` (not differentiable), with which a `StateTape` can undo the rewrite."""
@@ -244,7 +260,7 @@ def _fused_rewrite(
     beta = _wide(beta)
     needs_grad = state.requires_grad or direction.requires_grad or target.requires_grad or beta.requires_grad
     if not (needs_grad and torch.is_grad_enabled()):
-        return _rewrite_forward(state, direction, target, beta, eps, erase)[0]
+        return _rewrite_without_grad(state, direction, target, beta, eps, erase)
     new_state, coef = _FusedRewrite.apply(state, direction, target, beta, eps, erase)
     record_rewrite(new_state, state, direction, coef.view(*lead, -1))
     return new_state

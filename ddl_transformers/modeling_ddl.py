@@ -281,10 +281,10 @@ class DDLDeltaResidual(nn.Module):
     def _joint_projection(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The value rows and the gate row as one float32 weight `(d_v + 1, d)` and bias (with a sigmoid value),
         and the output scales `(value_scale, ..., 2)`. Without autograd (decoding, one call per token) they are kept
-        until a parameter changes."""
+        until a parameter changes (not for inference-mode parameters, which have no version counter to check)."""
         params = (self.value_proj.weight, self.beta_proj.weight, self.value_proj.bias, self.beta_proj.bias)
         key = None
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not any(p is not None and p.is_inference() for p in params):
             key = tuple(None if p is None else (p.device, p.data_ptr(), p._version) for p in params)
             if self._joint_cache is not None and self._joint_cache[0] == key:
                 return self._joint_cache[1]

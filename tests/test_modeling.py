@@ -196,6 +196,13 @@ def test_one_projection_gives_the_target_and_gate_and_follows_parameter_changes(
         assert not torch.allclose(after[1], before[1]) and not torch.allclose(after[0], before[0])
 
 
+def test_a_model_built_in_inference_mode_runs():
+    expected = perturbed_model("ddl-cc")(random_tokens(1, 5)).logits
+    with torch.inference_mode():
+        model = perturbed_model("ddl-cc")
+        torch.testing.assert_close(model(random_tokens(1, 5)).logits, expected)
+
+
 def test_residual_modes_differ_only_in_the_update():
     context, h = torch.randn(2, 5, 128), torch.randn(2, 5, 128)
     state = torch.randn(2, 5, 128, 4)
