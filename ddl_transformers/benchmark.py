@@ -1,7 +1,9 @@
 """Throughput and memory of DDL presets against the additive baseline, measured in one process.
 
-Every preset is built once, then the measurements run interleaved (A B C A B C ...) after warm-up rounds, and the
-medians over the repetitions are reported with their ratios to `baseline` from the same run. Peak memory of a
+Every preset is built once, then the measurements run interleaved after warm-up rounds: within a round, each figure
+(training step, prefill, decoding at each batch size) is taken for every preset back to back (A B C), so that the
+presets compared see the same machine load. The medians over the rounds are reported with their ratios to `baseline`
+from the same run, and the paired ratios (median and quartiles over rounds of the ratio within each round). Peak memory of a
 training step is CUDA's `max_memory_allocated`, or on CPU the peak resident memory of a fresh subprocess per preset
 (above its resident memory after imports). A preset named `NAME@reference` runs with the reference operators of
 `delta_ops` in the same rounds, which gives a before/after comparison under the same machine load.
@@ -183,20 +185,27 @@ class _Runner:
 
         return _timed(self.args, steps)
 
-    def round(self) -> dict[str, Any]:
+    def measurements(self) -> list[tuple[str, str | None, Callable[[], float]]]:
+        """`(metric, decode batch or None, measure)` for every figure of a round; `measure` returns tokens/s."""
         args = self.args
         tokens = args.batch_size * args.seq_len
+        figures = [
+            ("train_tokens_per_s", None, lambda: tokens / _timed(args, self.train_step)),
+            ("prefill_tokens_per_s", None, lambda: tokens / _timed(args, self.prefill)),
+        ]
+        for batch in args.decode_batch_sizes:
+            figures.append(
+                ("decode_tokens_per_s", f"batch_{batch}", lambda b=batch: b * args.decode_tokens / self.decode(b))
+            )
+        return figures
+
+    def measure(self, index: int) -> tuple[str, str | None, float]:
+        """The `index`-th figure of `measurements`, with this preset's operator implementation."""
+        metric, batch, measure = self.measurements()[index]
         previous = delta_ops.get_implementation()
         delta_ops.set_implementation(self.implementation)
         try:
-            return {
-                "train_tokens_per_s": tokens / _timed(args, self.train_step),
-                "prefill_tokens_per_s": tokens / _timed(args, self.prefill),
-                "decode_tokens_per_s": {
-                    f"batch_{batch}": batch * args.decode_tokens / self.decode(batch)
-                    for batch in args.decode_batch_sizes
-                },
-            }
+            return metric, batch, measure()
         finally:
             delta_ops.set_implementation(previous)
 
@@ -338,11 +347,19 @@ def run_benchmark(args: BenchmarkArguments, log: Callable[[str], None] | None = 
     started = environment()
     runners = [_Runner(name, args) for name in presets]
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in presets}
+    figures = len(runners[0].measurements())
     for index in range(args.warmup + args.repeats):
-        for runner in runners:
-            result = runner.round()
-            if index >= args.warmup:
-                rounds[runner.name].append(result)
+        results: dict[str, dict[str, Any]] = {runner.name: {"decode_tokens_per_s": {}} for runner in runners}
+        for figure in range(figures):  # each figure of every preset back to back: the pairs see the same load
+            for runner in runners:
+                metric, batch, value = runner.measure(figure)
+                if batch is None:
+                    results[runner.name][metric] = value
+                else:
+                    results[runner.name][metric][batch] = value
+        if index >= args.warmup:
+            for name, result in results.items():
+                rounds[name].append(result)
         log(f"round {index + 1}/{args.warmup + args.repeats} done")
     parameters = {runner.name: runner.parameters for runner in runners}
     del runners
