@@ -81,6 +81,7 @@ class BenchmarkArguments:
     markdown: str | None = field(default=None, metadata={"help": "Write the markdown table here."})
 
     def __post_init__(self) -> None:
+        self.presets = [name for item in self.presets for name in item.split(",") if name]  # "a,b" or "a b"
         if self.timer not in ("wall", "process"):
             raise ValueError(f"BenchmarkArguments: invalid timer={self.timer!r}; allowed values are wall, process.")
         if self.implementation not in delta_ops.IMPLEMENTATIONS:

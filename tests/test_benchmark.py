@@ -72,6 +72,16 @@ def test_ratios_are_values_over_the_baseline(report):
     assert report["results"][1]["parameters"] > baseline["parameters"]
 
 
+def test_presets_may_be_given_with_commas():
+    assert BenchmarkArguments(presets=["baseline,ddl-cc", "ddl-tc@reference"]).presets == [
+        "baseline",
+        "ddl-cc",
+        "ddl-tc@reference",
+    ]
+    with pytest.raises(ValueError, match="ddl-nope"):
+        BenchmarkArguments(presets=["baseline,ddl-nope"])
+
+
 def test_paired_ratios_pair_each_round_with_the_baselines():
     baseline_rounds = [
         {"train_tokens_per_s": 100.0, "decode_tokens_per_s": {"batch_1": 10.0}},
