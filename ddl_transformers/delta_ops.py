@@ -4,11 +4,13 @@ Shapes: the state is `(..., d)` (scalar state, `d_v = 1`) or `(..., d, d_v)`; th
 `(..., d_v)` (`(..., 1)` for a scalar state); the gate `(..., 1)`.
 
 Two implementations share each signature. The reference ones (`delta_update`, `write_only_update`, `channel_mix`,
-`token_mix`) are plain autograd code that reads like the equations. The fused ones save only what backward needs
-(the input state, `k` and per-token scalars), recompute the rest, and return expanded states *channel-major*: a
-`(..., d, d_v)` tensor whose memory is laid out `(..., d_v, d)`, so that every pass over the state is a contiguous
-loop over `d` (inputs may have any layout). `rewrite_function`, `channel_mix_function` and `token_mix_function` are
-the one place that chooses; `set_implementation("reference")` forces the reference (tests compare the two).
+`token_mix`, `expand_embeddings`) are plain autograd code that reads like the equations. The fused ones save only
+what backward needs (the input state, the sublayer output `h` and per-token scalars), recompute the rest, and return
+expanded states *channel-major*: a `(..., d, d_v)` tensor whose memory is laid out `(..., d_v, d)`, so that every
+pass over the state is a contiguous loop over `d` (inputs may have any layout). The fused rewrite also reports what
+it wrote to an active `StateTape` (`state_tape.py`), which then rebuilds the states in backward instead of keeping
+them. `rewrite_function`, `channel_mix_function`, `token_mix_function` and `expansion_function` are the one place
+that chooses; `set_implementation("reference")` forces the reference (tests compare the two).
 """
 
 from collections.abc import Callable
