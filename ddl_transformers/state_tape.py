@@ -78,9 +78,10 @@ class StateTape:
             self.buffer_index -= 1
             undo_rewrite(self.buffer, self.buffer, *self.rewrites[self.buffer_index])
         if self.buffer.stride() != self.strides[index]:  # e.g. a first state that is not channel-major
-            return torch.empty_strided(self.buffer.shape, self.strides[index], dtype=self.buffer.dtype).copy_(
-                self.buffer
+            layout = torch.empty_strided(
+                self.buffer.shape, self.strides[index], dtype=self.buffer.dtype, device=self.buffer.device
             )
+            return layout.copy_(self.buffer)
         return self.buffer
 
 
