@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .state_tape import record_rewrite
 
@@ -207,10 +208,10 @@ def _rewrite_without_grad(
     dtype = state.dtype
     if state.dim() == direction.dim():
         error = target - torch.linalg.vecdot(_wide(state), h).unsqueeze_(-1).mul_(scale) if erase else target
-        return torch.addcmul(state, (error * beta).mul_(scale).to(dtype), direction.to(dtype))
+        return torch.addcmul(state, (error * beta * scale).to(dtype), direction.to(dtype))
     column = h.unsqueeze(-1)  # (..., d, 1)
     error = target - torch.linalg.vecdot(_wide(state), column, dim=-2).mul_(scale) if erase else target
-    return torch.addcmul(state, column.to(dtype), (error * beta).mul_(scale).unsqueeze_(-2).to(dtype))
+    return torch.addcmul(state, column.to(dtype), (error * beta * scale).unsqueeze_(-2).to(dtype))
 
 
 class _FusedRewrite(torch.autograd.Function):
@@ -228,6 +229,7 @@ class _FusedRewrite(torch.autograd.Function):
         return new_state, coef
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, _grad_coef):
         channels, h, scale, beta, read, error = ctx.saved_tensors
         grad = grad_out if grad_out.dim() == h.dim() else _flat(grad_out)
@@ -299,6 +301,7 @@ class _FusedChannelMix(torch.autograd.Function):
         return _mix_channels(state, weight.to(state.dtype))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         state, weight = ctx.saved_tensors
         grad_state = grad_weight = None
@@ -374,6 +377,7 @@ class _FusedExpansion(torch.autograd.Function):
         return _expand(window, taps)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         window, taps = ctx.saved_tensors
         kernel_size, value_channels, hidden = taps.shape

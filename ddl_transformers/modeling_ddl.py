@@ -236,7 +236,6 @@ class DDLDeltaResidual(nn.Module):
         self.value_activation = config.value_activation
         self.value_scale = config.value_scale
         self.eps = config.direction_eps
-        self._joint_cache = None
         if self.residual_mode == "additive":
             return
         self.value_proj = nn.Linear(
@@ -266,36 +265,27 @@ class DDLDeltaResidual(nn.Module):
         return value
 
     def target_and_gate(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`target(context)` and `gate(context)` in float32, with one projection for both when the gate is linear."""
-        if self.beta_hidden is not None:
-            return self.target(context).float(), self.gate(context)
-        weight, bias, scales = self._joint_projection()
+        """`target(context)` and `gate(context)` (float32, or float64 for a float64 model), with one matrix product
+        for both when both are plain linear layers (not wrapped, e.g. by a LoRA adapter, and without hooks)."""
+        value_proj, beta_proj = self.value_proj, self.beta_proj
+        plain = (
+            self.beta_hidden is None
+            and type(value_proj) is nn.Linear
+            and type(beta_proj) is DDLGateProjection
+            and not (value_proj._forward_hooks or value_proj._forward_pre_hooks)
+        )
+        dtype = torch.float64 if context.dtype == torch.float64 else torch.float32
+        if not plain:
+            return self.target(context).to(dtype), self.gate(context)
+        context = context.to(dtype)
+        weight = torch.cat([value_proj.weight, beta_proj.weight]).to(dtype)  # (d_v + 1, d)
         value_channels = weight.shape[0] - 1
-        if bias is None:  # linear value
-            value, gate_logit = F.linear(context.float(), weight).split([value_channels, 1], -1)
-            return value, torch.sigmoid(gate_logit + self.beta_proj.bias.float()).mul_(2.0)
-        scaled = torch.sigmoid(F.linear(context.float(), weight, bias)) * scales  # (..., d_v + 1)
-        value, beta = scaled.split([value_channels, 1], -1)
-        return value, beta
-
-    def _joint_projection(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """The value rows and the gate row as one float32 weight `(d_v + 1, d)` and bias (with a sigmoid value),
-        and the output scales `(value_scale, ..., 2)`. Without autograd (decoding, one call per token) they are kept
-        until a parameter changes (not for inference-mode parameters, which have no version counter to check)."""
-        params = (self.value_proj.weight, self.beta_proj.weight, self.value_proj.bias, self.beta_proj.bias)
-        key = None
-        if not torch.is_grad_enabled() and not any(p is not None and p.is_inference() for p in params):
-            key = tuple(None if p is None else (p.device, p.data_ptr(), p._version) for p in params)
-            if self._joint_cache is not None and self._joint_cache[0] == key:
-                return self._joint_cache[1]
-        value_weight, gate_weight, value_bias, gate_bias = params
-        weight = torch.cat([value_weight, gate_weight]).float()
-        bias = None if value_bias is None else torch.cat([value_bias, gate_bias]).float()
-        scales = torch.full((weight.shape[0],), self.value_scale, device=weight.device)
-        scales[-1] = 2.0
-        joint = (weight, bias, scales)
-        self._joint_cache = None if key is None else (key, joint)
-        return joint
+        if value_proj.bias is None:  # linear value
+            value, gate_logit = F.linear(context, weight).split([value_channels, 1], -1)
+            return value, torch.sigmoid(gate_logit + beta_proj.bias.to(dtype)).mul_(2.0)
+        bias = torch.cat([value_proj.bias, beta_proj.bias]).to(dtype)
+        value, half_beta = torch.sigmoid(F.linear(context, weight, bias)).split([value_channels, 1], -1)
+        return value * self.value_scale, half_beta * 2.0
 
     def forward(self, state: torch.Tensor, sublayer_output: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.residual_mode == "additive":

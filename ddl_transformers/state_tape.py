@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -52,28 +52,35 @@ class StateTape:
         self.final = state
 
     def pack(self, tensor: torch.Tensor) -> Any:
-        index = self.index_of.get(tensor.data_ptr())
+        index = self.index_of.get(tensor.data_ptr()) if tensor.numel() else None
         state = self.states[index]() if index is not None else None
-        if state is None or state.dtype != tensor.dtype or state.device != tensor.device:
-            return tensor.detach()
-        return (index, tensor.size(), tensor.stride(), tensor.storage_offset() - state.storage_offset())
+        if state is not None and state.dtype == tensor.dtype and state.device == tensor.device:
+            offset = tensor.storage_offset() - state.storage_offset()
+            extent = offset + sum((size - 1) * stride for size, stride in zip(tensor.size(), tensor.stride()))
+            if offset >= 0 and extent < state.numel():  # a view inside the state
+                return _StateToken(index, tensor.size(), tensor.stride(), offset, state._version)
+        return _Saved(tensor.detach(), tensor._version)
 
     def unpack(self, packed: Any) -> torch.Tensor:
-        if isinstance(packed, torch.Tensor):
-            return packed
-        index, size, stride, offset = packed
-        state = self.state(index)
-        return state.as_strided(size, stride, state.storage_offset() + offset)
+        if isinstance(packed, _Saved):
+            _check_version(packed.tensor, packed.version)
+            return packed.tensor
+        alive = self.states[packed.index]()
+        if alive is not None:
+            _check_version(alive, packed.version)
+        state = self.state(packed.index)
+        return state.as_strided(packed.size, packed.stride, state.storage_offset() + packed.offset)
 
     def state(self, index: int) -> torch.Tensor:
-        """`X_index`: the forward's tensor if it is still alive, else rebuilt from the nearest later state."""
+        """`X_index`: the forward's tensor if it is still alive, else rebuilt from the nearest later state. Under a
+        backward that builds a graph (`create_graph=True`) the result is a copy, as the buffer changes in place."""
         alive = self.states[index]()
         if alive is not None:
             return alive
         if self.buffer is None or self.buffer_index < index:  # start again from the last state
             self.buffer, self.buffer_index = torch.empty_like(self.final), len(self.states) - 1
             self.buffer_index -= 1
-            undo_rewrite(self.buffer, self.final, *self.rewrites[self.buffer_index])
+            undo_rewrite(self.buffer, self.final.detach(), *self.rewrites[self.buffer_index])
         while self.buffer_index > index:
             self.buffer_index -= 1
             undo_rewrite(self.buffer, self.buffer, *self.rewrites[self.buffer_index])
@@ -82,7 +89,30 @@ class StateTape:
                 self.buffer.shape, self.strides[index], dtype=self.buffer.dtype, device=self.buffer.device
             )
             return layout.copy_(self.buffer)
-        return self.buffer
+        return self.buffer.clone() if torch.is_grad_enabled() else self.buffer
+
+
+class _Saved(NamedTuple):
+    tensor: torch.Tensor
+    version: int
+
+
+class _StateToken(NamedTuple):
+    index: int
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+    version: int
+
+
+def _check_version(tensor: torch.Tensor, version: int) -> None:
+    """The check autograd makes on saved tensors (it skips it when saved-tensor hooks are in use)."""
+    if tensor._version != version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace operation: a tensor "
+            f"saved in a DDL forward pass is at version {tensor._version}; expected version {version} instead. Do "
+            "not modify parameters or inputs in place between a forward pass and its backward."
+        )
 
 
 def undo_rewrite(out: torch.Tensor, state: torch.Tensor, direction: torch.Tensor, weights: torch.Tensor) -> None:

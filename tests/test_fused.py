@@ -62,6 +62,15 @@ def test_fused_rewrite_matches_reference(mode, value_channels, dtype):
 
 
 @pytest.mark.parametrize("mode", list(PAIRS))
+def test_rewrite_without_grad_matches_reference_in_float64(mode):
+    reference, fused = PAIRS[mode]
+    for value_channels in (1, DV):
+        inputs = [t.detach() for t in rewrite_inputs(value_channels, torch.float64)]
+        with torch.no_grad():
+            torch.testing.assert_close(fused(*inputs), reference(*inputs), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", list(PAIRS))
 def test_bfloat16_fused_rewrite_is_close_to_float32(mode):
     reference, fused = PAIRS[mode]
     inputs = rewrite_inputs(DV, torch.float32)

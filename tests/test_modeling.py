@@ -187,13 +187,36 @@ def test_one_projection_gives_the_target_and_gate_and_follows_parameter_changes(
                 torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     with torch.inference_mode():
         before = residual.target_and_gate(context)
-        with torch.no_grad():  # an in-place change (an optimiser step, load_state_dict) invalidates the kept weight
+        with torch.no_grad():  # changed in place, and through `.data` (which leaves the version counter alone)
             residual.beta_proj.bias.add_(1.0)
-            residual.value_proj.weight.mul_(0.5)
+            residual.value_proj.weight.data.mul_(0.5)
         after = residual.target_and_gate(context)
         for got, expected in zip(after, separate()):
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
         assert not torch.allclose(after[1], before[1]) and not torch.allclose(after[0], before[0])
+
+
+def test_a_hooked_or_wrapped_value_projection_is_called():
+    residual = perturbed_model("ddl-cc").model.layers[0].mlp_residual
+    context = torch.randn(2, 3, residual.value_proj.in_features)
+    value, beta = residual.target_and_gate(context)
+    hook = residual.value_proj.register_forward_hook(lambda module, args, output: output + 1.0)
+    try:
+        hooked_value, hooked_beta = residual.target_and_gate(context)
+        expected = residual.value_scale * torch.sigmoid(residual.value_proj(context))  # the hook shifts the logits
+    finally:
+        hook.remove()
+    torch.testing.assert_close(hooked_value, expected)
+    assert not torch.allclose(hooked_value, value)
+    torch.testing.assert_close(hooked_beta, beta)
+
+
+def test_float64_models_keep_float64_targets():
+    residual = perturbed_model("write-only").double().model.layers[0].attn_residual
+    context = torch.randn(2, 3, residual.value_proj.in_features, dtype=torch.float64)
+    value, beta = residual.target_and_gate(context)
+    assert value.dtype == beta.dtype == torch.float64
+    torch.testing.assert_close(value, residual.target(context), rtol=1e-12, atol=1e-12)
 
 
 def test_a_model_built_in_inference_mode_runs():

@@ -176,3 +176,40 @@ def test_fused_embedding_expansion_matches_reference(dtype, seq_len):
         torch.testing.assert_close(fused_expand_embeddings(window, weight), expected.detach(), rtol=tol, atol=tol)
     if dtype == torch.float64:
         assert torch.autograd.gradcheck(fused_expand_embeddings, (window, weight))
+
+
+def test_in_place_changes_before_backward_are_still_caught():
+    model = perturbed_model("ddl-scalar", num_hidden_layers=2).train()
+    input_ids = tokens()
+    loss = model(input_ids, labels=input_ids).loss
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_double_backward_needs_the_reference_operators(reference_operators):
+    model = perturbed_model("ddl-cc", num_hidden_layers=2, attn_implementation="eager").double().train()
+    input_ids = tokens()
+
+    def gradient_penalty():
+        embeds = model.model.embed_tokens(input_ids)
+        loss = model(inputs_embeds=embeds, labels=input_ids).loss
+        (grad_embeds,) = torch.autograd.grad(loss, embeds, create_graph=True)
+        return grad_embeds.square().sum()
+
+    assert all(torch.isfinite(g).all() for g in gradients(model, gradient_penalty()).values())
+    delta_ops.set_implementation("fused")
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gradient_penalty().backward()
+
+
+def test_only_views_inside_a_state_become_tokens():
+    base = torch.randn(4, 6, dtype=torch.float64)
+    state = base[:2]  # the same data pointer as `base`
+    tape = state_tape.StateTape()
+    tape.add_state(state)
+    assert isinstance(tape.pack(state.t()), state_tape._StateToken)
+    assert isinstance(tape.pack(base), state_tape._Saved)  # starts at the state but reaches past it
+    assert isinstance(tape.pack(torch.empty(0, dtype=torch.float64)), state_tape._Saved)
+    torch.testing.assert_close(tape.unpack(tape.pack(state.t())), state.t())
