@@ -145,7 +145,7 @@ class DDLCausalTokenConv(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, layer_idx: int, state_idx: int):
         super().__init__()
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.kernel_size = kernel_size
         self.layer_idx, self.state_idx = layer_idx, state_idx
         self.weight = nn.Parameter(torch.empty(out_channels, 1, kernel_size))
 
@@ -203,7 +203,6 @@ class DDLEmbeddingExpansion(nn.Module):
 
     def __init__(self, config: DDLConfig):
         super().__init__()
-        self.value_channels = config.value_channels
         hidden = config.hidden_size
         self.token_conv = DDLCausalTokenConv(
             hidden, hidden * config.value_channels, config.embedding_conv_kernel_size, 0, EMBEDDING_CONV_STATE
