@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -294,14 +294,22 @@ def measure_peak_memory_mb(names: list[str], args: BenchmarkArguments, steps: in
 
 
 def _cuda_peak_memory_mb(name: str, args: BenchmarkArguments, steps: int) -> float:
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(args.device)
     before = torch.cuda.memory_allocated(args.device)
-    runner = _Runner(name, args)
-    for _ in range(steps):
-        runner.train_step()
+    runner = _Runner(name, replace(args, compile=False))
+    previous = delta_ops.get_implementation()
+    delta_ops.set_implementation(runner.implementation)
+    try:
+        for _ in range(steps):
+            runner.train_step()
+        _synchronize(args.device)
+    finally:
+        delta_ops.set_implementation(previous)
     peak = torch.cuda.max_memory_allocated(args.device) - before
     del runner
+    gc.collect()
     torch.cuda.empty_cache()
     return peak / 2**20
 
@@ -364,14 +372,14 @@ def run_benchmark(args: BenchmarkArguments, log: Callable[[str], None] | None = 
         log(f"round {index + 1}/{args.warmup + args.repeats} done")
     parameters = {runner.name: runner.parameters for runner in runners}
     del runners
+    records = [{"preset": name, **_median_record(rounds[name]), "parameters": parameters[name]} for name in presets]
+    for record in records:  # logged before the memory probes, so a run stopped during them keeps its timings
+        log(f"{record['preset']}: {record}")
 
     peaks = measure_peak_memory_mb(presets, args) if args.memory else dict.fromkeys(presets)
-    records = []
-    for name in presets:
-        record = {"preset": name, **_median_record(rounds[name]), "parameters": parameters[name]}
-        record["peak_memory_mb"] = peaks[name]
-        records.append(record)
-        log(f"{name}: {record}")
+    for record in records:
+        record["peak_memory_mb"] = peaks[record["preset"]]
+        log(f"{record['preset']}: peak training memory {record['peak_memory_mb']} MiB")
     for record in records:
         record["ratios"] = {key: _ratio(record[key], records[0][key]) for key in METRICS}
         record["paired_ratios"] = _paired_ratios(rounds[record["preset"]], rounds[presets[0]])
