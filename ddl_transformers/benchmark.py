@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,6 +57,13 @@ class BenchmarkArguments:
     size: str = field(default="cpu", metadata={"help": f"Model size: {', '.join([*BENCHMARK_SIZES, *SIZES])}."})
     device: str = field(default="cpu", metadata={"help": "Device, e.g. cpu or cuda."})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
+    autocast: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep float32 weights and run every step under torch.autocast in --dtype (mixed precision, as "
+            "Trainer's bf16/fp16 flags do); without it the whole model is cast to --dtype."
+        },
+    )
     seq_len: int = field(default=256, metadata={"help": "Tokens per sequence of the training and prefill batches."})
     batch_size: int = field(default=4, metadata={"help": "Sequences per training and prefill batch."})
     decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 8], metadata={"help": "Decode batch sizes."})
@@ -84,6 +92,8 @@ class BenchmarkArguments:
         self.presets = [name for item in self.presets for name in item.split(",") if name]  # "a,b" or "a b"
         if self.timer not in ("wall", "process"):
             raise ValueError(f"BenchmarkArguments: invalid timer={self.timer!r}; allowed values are wall, process.")
+        if self.autocast and self.dtype == "float32":
+            raise ValueError("BenchmarkArguments: --autocast needs --dtype bfloat16 or float16.")
         if self.implementation not in delta_ops.IMPLEMENTATIONS:
             raise ValueError(
                 f"BenchmarkArguments: invalid implementation={self.implementation!r}; "
@@ -110,7 +120,7 @@ def benchmark_config(name: str, args: BenchmarkArguments):
 
 def build_model(name: str, args: BenchmarkArguments) -> DDLForCausalLM:
     torch.manual_seed(args.seed)
-    dtype = getattr(torch, args.dtype)
+    dtype = torch.float32 if args.autocast else getattr(torch, args.dtype)
     return DDLForCausalLM(benchmark_config(name, args)).to(device=args.device, dtype=dtype)
 
 
@@ -159,9 +169,16 @@ class _Runner:
             for batch in args.decode_batch_sizes
         }
 
+    def precision(self) -> AbstractContextManager:
+        """Autocast in the chosen dtype with `--autocast`; else nothing (the weights are already in that dtype)."""
+        if not self.args.autocast:
+            return nullcontext()
+        return torch.autocast(torch.device(self.args.device).type, dtype=getattr(torch, self.args.dtype))
+
     def train_step(self) -> None:
         self.model.train()
-        loss = self.forward(input_ids=self.tokens, labels=self.tokens).loss
+        with self.precision():
+            loss = self.forward(input_ids=self.tokens, labels=self.tokens).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -169,20 +186,23 @@ class _Runner:
     @torch.inference_mode()
     def prefill(self) -> None:
         self.model.eval()
-        self.forward(input_ids=self.tokens, use_cache=True, logits_to_keep=1)
+        with self.precision():
+            self.forward(input_ids=self.tokens, use_cache=True, logits_to_keep=1)
 
     @torch.inference_mode()
     def decode(self, batch: int) -> float:
         """Seconds of `decode_tokens` greedy steps with the cache, after the prompt's prefill."""
         self.model.eval()
-        out = self.forward(input_ids=self.prompts[batch], use_cache=True, logits_to_keep=1)
+        with self.precision():
+            out = self.forward(input_ids=self.prompts[batch], use_cache=True, logits_to_keep=1)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
 
         def steps() -> None:
             nonlocal cache, token
-            for _ in range(self.args.decode_tokens):
-                out = self.forward(input_ids=token, cache=cache, use_cache=True)
-                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+            with self.precision():
+                for _ in range(self.args.decode_tokens):
+                    out = self.forward(input_ids=token, cache=cache, use_cache=True)
+                    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
 
         return _timed(self.args, steps)
 

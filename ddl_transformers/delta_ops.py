@@ -14,6 +14,7 @@ that chooses; `set_implementation("reference")` forces the reference (tests comp
 """
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -178,6 +179,12 @@ def _combine_into(out: torch.Tensor, weights: torch.Tensor, channels: torch.Tens
     return out
 
 
+def _autocast_off(device: torch.device) -> AbstractContextManager:
+    """The fused rewrite chooses its own precisions (float32 reads, the state's dtype): autocast would make its
+    matrix products bfloat16 and mismatch the in-place ones."""
+    return torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) else nullcontext()
+
+
 def _rewrite_forward(
     state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float, erase: bool
 ) -> tuple[torch.Tensor, ...]:
@@ -221,9 +228,10 @@ class _FusedRewrite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state, direction, target, beta, eps: float, erase: bool):
         ctx.erase, ctx.inputs = erase, [(t.shape, t.dtype) for t in (direction, target, beta)]
-        new_state, channels, h, scale, beta, read, error, coef = _rewrite_forward(
-            state, direction, target, beta, eps, erase
-        )
+        with _autocast_off(state.device):
+            new_state, channels, h, scale, beta, read, error, coef = _rewrite_forward(
+                state, direction, target, beta, eps, erase
+            )
         ctx.save_for_backward(channels if erase else None, h, scale, beta, read, error)
         ctx.mark_non_differentiable(coef)
         return new_state, coef
@@ -231,6 +239,11 @@ class _FusedRewrite(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_coef):
+        with _autocast_off(grad_out.device):
+            return _FusedRewrite._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         channels, h, scale, beta, read, error = ctx.saved_tensors
         grad = grad_out if grad_out.dim() == h.dim() else _flat(grad_out)
         grad_wide, h_wide = _wide(grad), _wide(h)
@@ -264,7 +277,8 @@ def _fused_rewrite(
     beta = _wide(beta)
     needs_grad = state.requires_grad or direction.requires_grad or target.requires_grad or beta.requires_grad
     if not (needs_grad and torch.is_grad_enabled()):
-        return _rewrite_without_grad(state, direction, target, beta, eps, erase)
+        with _autocast_off(state.device):
+            return _rewrite_without_grad(state, direction, target, beta, eps, erase)
     new_state, coef = _FusedRewrite.apply(state, direction, target, beta, eps, erase)
     record_rewrite(new_state, state, direction, coef.view(*lead, -1))
     return new_state

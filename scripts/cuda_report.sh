@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA checks and GPU benchmark tables in one command: bash scripts/cuda_report.sh [OUTPUT_DIR]
 # 1. tests/test_cuda.py: fused operators, state tape and cached decoding on the GPU against the float64 reference;
-# 2. the `small` size in bfloat16 at the benchmark's default shape (4 x 256 tokens per step); 3. the same at
-# 16 x 1024 tokens per step. About 9 minutes on an H100 (a round of 4 presets takes 15-20 s: eager decoding of 2 x 32
-# tokens dominates). Each step has its own time limit, so one slow step leaves the others their results.
+# 2. the `small` size in bfloat16 at the benchmark's default shape (4 x 256 tokens per step); 3. 16 x 1024 tokens
+# per step with float32 weights under bf16 autocast (Trainer's --bf16: float32 states, so the state tape is on).
+# About 9 minutes on an H100 (a round of 4 presets takes 15-20 s: eager decoding of 2 x 32 tokens dominates). Each step has its own time limit, so one slow step leaves the others their results.
 set -uo pipefail
 PY=${PYTHON:-python3}
 out=${1:-outputs/cuda}
@@ -26,4 +26,5 @@ echo "== tests/test_cuda.py"
 timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$out/cuda_tests.log" 2>&1
 echo "== exit $?"; tail -n 25 "$out/cuda_tests.log"
 bench default 240 --dtype bfloat16 --repeats 8 --presets baseline ddl-scalar ddl-cc ddl-tc
-bench large 240 --dtype bfloat16 --repeats 6 --seq_len 1024 --batch_size 16 --presets baseline ddl-scalar ddl-cc ddl-tc
+bench large 240 --dtype bfloat16 --autocast --repeats 6 --seq_len 1024 --batch_size 16 \
+    --presets baseline ddl-scalar ddl-cc ddl-tc

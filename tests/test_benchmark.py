@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from ddl_transformers import delta_ops
 from ddl_transformers.benchmark import (
@@ -139,3 +140,20 @@ def test_cli_parses_its_flags():
         BenchmarkArguments(timer="cycles")
     with pytest.raises(ValueError, match="presets"):
         BenchmarkArguments(presets=["ddl-cc@triton"])
+
+
+def test_autocast_keeps_float32_weights_and_runs_in_bfloat16(tmp_path):
+    from ddl_transformers.benchmark import _Runner
+
+    args = tiny_arguments(tmp_path, dtype="bfloat16", autocast=True, memory=False)
+    runner = _Runner("ddl-cc", args)
+    assert all(param.dtype == torch.float32 for param in runner.model.parameters())
+    with runner.precision():
+        logits = runner.model(input_ids=runner.tokens).logits
+    assert logits.dtype == torch.bfloat16
+    before = runner.model.lm_head.weight.detach().clone()
+    runner.train_step()
+    assert not torch.equal(runner.model.lm_head.weight, before), "the mixed-precision step updates the weights"
+    assert run_benchmark(args, log=None)["settings"]["autocast"] is True
+    with pytest.raises(ValueError, match="--autocast needs --dtype bfloat16 or float16"):
+        tiny_arguments(tmp_path, autocast=True)

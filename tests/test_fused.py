@@ -220,3 +220,26 @@ def test_torch_compile_traces_every_preset(name):
 @pytest.mark.parametrize("name", ALL_PRESETS)
 def test_torch_compile_inductor_every_preset(name):
     _compiled_logits_match(name, "inductor")
+
+
+@pytest.mark.parametrize("name", ["ddl-scalar", "ddl-cc", "ddl-tc", "write-only"])
+def test_fused_model_under_autocast(name):
+    # Trainer's bf16 (autocast): float32 weights and states; backward inside or outside the autocast region
+    model = perturbed_model(name).train()
+    tokens = torch.randint(3, TEST_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected, expected_grads = _logits_and_grads(model, tokens)
+    for backward_inside in (True, False):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(tokens, labels=tokens)
+            if backward_inside:
+                out.loss.backward()
+        if not backward_inside:
+            out.loss.backward()
+        torch.testing.assert_close(out.logits.float(), expected, rtol=5e-2, atol=5e-2)
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        reference = torch.cat([g.flatten() for g in expected_grads.values()])
+        assert ((grads - reference).norm() / reference.norm()).item() < 5e-2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        generated = model.generate(tokens[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert generated.shape == (2, 7)

@@ -213,3 +213,18 @@ def test_only_views_inside_a_state_become_tokens():
     assert isinstance(tape.pack(base), state_tape._Saved)  # starts at the state but reaches past it
     assert isinstance(tape.pack(torch.empty(0, dtype=torch.float64)), state_tape._Saved)
     torch.testing.assert_close(tape.unpack(tape.pack(state.t())), state.t())
+
+
+def test_autocast_keeps_float32_states_and_rebuilds_them():
+    # mixed precision (Trainer's bf16): float32 weights and states, bfloat16 sublayer outputs
+    model = perturbed_model("ddl-cc", num_hidden_layers=3).train()
+    input_ids = tokens(seq_len=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with patch.object(DDLModel, "_state_recording", lambda self, state: nullcontext()):
+            kept, loss = layer_outputs_alive_after_forward(model, input_ids)
+        expected = gradients(model, loss)
+        rebuilt, loss = layer_outputs_alive_after_forward(model, input_ids)
+    assert kept[:-1] == [True, True] and rebuilt[:-1] == [False, False]
+    for param_name, grad in gradients(model, loss).items():
+        scale = max(expected[param_name].abs().max().item(), 1.0)
+        torch.testing.assert_close(grad, expected[param_name], rtol=1e-3, atol=1e-5 * scale, msg=param_name)
