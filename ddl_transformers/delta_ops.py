@@ -47,6 +47,11 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)`, without the call when it is already of that dtype (a no-op `to` costs microseconds)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def unit_direction(direction: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """`k = h / sqrt(||h||^2 + eps^2)` in (at least) float32: a zero `h` gives `k = 0`, never NaN."""
     direction = _wide(direction)
@@ -204,14 +209,16 @@ def _rewrite_without_grad(
     """The rewrite in as few operations as possible (decoding runs it for every token): no flattening, no saving;
     an expanded result takes the input's layout (channel-major in the model)."""
     h = _wide(direction)
-    scale = torch.linalg.vecdot(h, h).unsqueeze_(-1).add_(eps * eps).rsqrt_()  # (..., 1)
-    dtype = state.dtype
-    if state.dim() == direction.dim():
-        error = target - torch.linalg.vecdot(_wide(state), h).unsqueeze_(-1).mul_(scale) if erase else target
-        return torch.addcmul(state, (error * beta * scale).to(dtype), direction.to(dtype))
-    column = h.unsqueeze(-1)  # (..., d, 1)
-    error = target - torch.linalg.vecdot(_wide(state), column, dim=-2).mul_(scale) if erase else target
-    return torch.addcmul(state, column.to(dtype), (error * beta * scale).unsqueeze_(-2).to(dtype))
+    scale = (h * h).sum(-1, keepdim=True).add_(eps * eps).rsqrt_()  # (..., 1)
+    scalar = state.dim() == direction.dim()
+    column = h if scalar else h.unsqueeze(-1)  # (..., d) or (..., d, 1)
+    if erase:  # c = beta (v - scale k^T X) scale
+        read = (_wide(state) * column).sum(-1 if scalar else -2, keepdim=scalar)  # (..., 1) or (..., d_v)
+        coef = torch.addcmul(target, read, scale, value=-1).mul_(beta).mul_(scale)
+    else:
+        coef = target * beta * scale
+    coef = coef if scalar else coef.unsqueeze(-2)  # (..., 1) or (..., 1, d_v)
+    return torch.addcmul(state, _cast(column, state.dtype), _cast(coef, state.dtype))
 
 
 class _FusedRewrite(torch.autograd.Function):
