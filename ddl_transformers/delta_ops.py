@@ -328,9 +328,8 @@ def fused_channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     instead: there, every extra operation costs more than the pass over the state."""
     if torch.is_grad_enabled() and (state.requires_grad or weight.requires_grad):
         return _FusedChannelMix.apply(state, weight)
-    if state.numel() <= 64 * state.shape[-1] * state.shape[-2]:
-        return torch.linalg.vecdot(state, weight.to(state.dtype))
-    return _mix_channels(state, weight.to(state.dtype))
+    weight = _cast(weight, state.dtype)
+    return torch.linalg.vecdot(state, weight) if state.numel() <= 64 * weight.numel() else _mix_channels(state, weight)
 
 
 def fused_token_mix(
@@ -414,7 +413,11 @@ def fused_expand_embeddings(window: torch.Tensor, conv_weight: torch.Tensor) -> 
     """`expand_embeddings` as one autograd function of `K` multiply-adds; the result is channel-major."""
     if torch.is_grad_enabled() and (window.requires_grad or conv_weight.requires_grad):
         return _FusedExpansion.apply(window, conv_weight)
-    return _expand(window, _expansion_taps(conv_weight, window.shape[-1]).to(window.dtype))
+    hidden, kernel_size = window.shape[-1], conv_weight.shape[-1]
+    if window.shape[1] == kernel_size:  # one token (decoding): one multiply and sum over its window
+        taps = _cast(conv_weight, window.dtype).view(hidden, -1, kernel_size).permute(2, 1, 0)  # (K, d_v, d)
+        return (window.unsqueeze(-2) * taps).sum(1).unsqueeze(1).transpose(-1, -2)  # channel-major (B, 1, d, d_v)
+    return _expand(window, _cast(_expansion_taps(conv_weight, hidden), window.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------
