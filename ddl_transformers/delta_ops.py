@@ -48,6 +48,11 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)`, without the call when it is already of that dtype (a no-op `to` costs microseconds)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def unit_direction(direction: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """`k = h / sqrt(||h||^2 + eps^2)` in (at least) float32: a zero `h` gives `k = 0`, never NaN."""
     direction = _wide(direction)
@@ -211,14 +216,16 @@ def _rewrite_without_grad(
     """The rewrite in as few operations as possible (decoding runs it for every token): no flattening, no saving;
     an expanded result takes the input's layout (channel-major in the model)."""
     h = _wide(direction)
-    scale = torch.linalg.vecdot(h, h).unsqueeze_(-1).add_(eps * eps).rsqrt_()  # (..., 1)
-    dtype = state.dtype
-    if state.dim() == direction.dim():
-        error = target - torch.linalg.vecdot(_wide(state), h).unsqueeze_(-1).mul_(scale) if erase else target
-        return torch.addcmul(state, (error * beta * scale).to(dtype), direction.to(dtype))
-    column = h.unsqueeze(-1)  # (..., d, 1)
-    error = target - torch.linalg.vecdot(_wide(state), column, dim=-2).mul_(scale) if erase else target
-    return torch.addcmul(state, column.to(dtype), (error * beta * scale).unsqueeze_(-2).to(dtype))
+    scale = (h * h).sum(-1, keepdim=True).add_(eps * eps).rsqrt_()  # (..., 1)
+    scalar = state.dim() == direction.dim()
+    column = h if scalar else h.unsqueeze(-1)  # (..., d) or (..., d, 1)
+    if erase:  # c = beta (v - scale k^T X) scale
+        read = (_wide(state) * column).sum(-1 if scalar else -2, keepdim=scalar)  # (..., 1) or (..., d_v)
+        coef = torch.addcmul(target, read, scale, value=-1).mul_(beta).mul_(scale)
+    else:
+        coef = target * beta * scale
+    coef = coef if scalar else coef.unsqueeze(-2)  # (..., 1) or (..., 1, d_v)
+    return torch.addcmul(state, _cast(column, state.dtype), _cast(coef, state.dtype))
 
 
 class _FusedRewrite(torch.autograd.Function):
@@ -335,9 +342,8 @@ def fused_channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     instead: there, every extra operation costs more than the pass over the state."""
     if torch.is_grad_enabled() and (state.requires_grad or weight.requires_grad):
         return _FusedChannelMix.apply(state, weight)
-    if state.numel() <= 64 * state.shape[-1] * state.shape[-2]:
-        return torch.linalg.vecdot(state, weight.to(state.dtype))
-    return _mix_channels(state, weight.to(state.dtype))
+    weight = _cast(weight, state.dtype)
+    return torch.linalg.vecdot(state, weight) if state.numel() <= 64 * weight.numel() else _mix_channels(state, weight)
 
 
 def fused_token_mix(
@@ -421,7 +427,11 @@ def fused_expand_embeddings(window: torch.Tensor, conv_weight: torch.Tensor) -> 
     """`expand_embeddings` as one autograd function of `K` multiply-adds; the result is channel-major."""
     if torch.is_grad_enabled() and (window.requires_grad or conv_weight.requires_grad):
         return _FusedExpansion.apply(window, conv_weight)
-    return _expand(window, _expansion_taps(conv_weight, window.shape[-1]).to(window.dtype))
+    hidden, kernel_size = window.shape[-1], conv_weight.shape[-1]
+    if window.shape[1] == kernel_size:  # one token (decoding): one multiply and sum over its window
+        taps = _cast(conv_weight, window.dtype).view(hidden, -1, kernel_size).permute(2, 1, 0)  # (K, d_v, d)
+        return (window.unsqueeze(-2) * taps).sum(1).unsqueeze(1).transpose(-1, -2)  # channel-major (B, 1, d, d_v)
+    return _expand(window, _cast(_expansion_taps(conv_weight, hidden), window.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------

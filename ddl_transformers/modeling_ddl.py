@@ -35,6 +35,8 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ddl import DDLConfig
 from .delta_ops import (
+    _cast,
+    _wide,
     channel_major,
     channel_mix_function,
     expansion_function,
@@ -249,11 +251,12 @@ class DDLDeltaResidual(nn.Module):
         self.beta_proj = DDLGateProjection(gate_input, 1, bias=True)
 
     def gate(self, context: torch.Tensor) -> torch.Tensor:
-        """`beta = 2 sigmoid(g(c))` in float32, shape `(..., 1)`, in (0, 2)."""
-        context = context.float()
+        """`beta = 2 sigmoid(g(c))` in float32 (float64 for a float64 model), shape `(..., 1)`, in (0, 2)."""
+        context = _wide(context)
         if self.beta_hidden is not None:
-            context = torch.tanh(F.linear(context, self.beta_hidden.weight.float()))
-        logits = F.linear(context, self.beta_proj.weight.float(), self.beta_proj.bias.float())
+            context = torch.tanh(F.linear(context, _cast(self.beta_hidden.weight, context.dtype)))
+        beta_proj = self.beta_proj
+        logits = F.linear(context, _cast(beta_proj.weight, context.dtype), _cast(beta_proj.bias, context.dtype))
         return 2.0 * torch.sigmoid(logits)
 
     def target(self, context: torch.Tensor) -> torch.Tensor:
@@ -264,27 +267,17 @@ class DDLDeltaResidual(nn.Module):
         return value
 
     def target_and_gate(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`target(context)` and `gate(context)` (float32, or float64 for a float64 model), with one matrix product
-        for both when both are plain linear layers (not wrapped, e.g. by a LoRA adapter, and without hooks)."""
-        value_proj, beta_proj = self.value_proj, self.beta_proj
-        plain = (
-            self.beta_hidden is None
-            and type(value_proj) is nn.Linear
-            and type(beta_proj) is DDLGateProjection
-            and not (value_proj._forward_hooks or value_proj._forward_pre_hooks)
-        )
-        dtype = torch.float64 if context.dtype == torch.float64 else torch.float32
-        if not plain:
-            return self.target(context).to(dtype), self.gate(context)
-        context = context.to(dtype)
-        weight = torch.cat([value_proj.weight, beta_proj.weight]).to(dtype)  # (d_v + 1, d)
-        value_channels = weight.shape[0] - 1
-        if value_proj.bias is None:  # linear value
-            value, gate_logit = F.linear(context, weight).split([value_channels, 1], -1)
-            return value, torch.sigmoid(gate_logit + beta_proj.bias.to(dtype)).mul_(2.0)
-        bias = torch.cat([value_proj.bias, beta_proj.bias]).to(dtype)
-        value, half_beta = torch.sigmoid(F.linear(context, weight, bias)).split([value_channels, 1], -1)
-        return value * self.value_scale, half_beta * 2.0
+        """`target(context)` and `gate(context)` in float32 (float64 for a float64 model). A plain value projection
+        (`nn.Linear` without hooks, not wrapped e.g. by a LoRA adapter) runs as `F.linear`, without a module call."""
+        value_proj = self.value_proj
+        if type(value_proj) is not nn.Linear or value_proj._forward_hooks or value_proj._forward_pre_hooks:
+            return _wide(self.target(context)), self.gate(context)
+        context = _wide(context)
+        bias = None if value_proj.bias is None else _cast(value_proj.bias, context.dtype)
+        value = F.linear(context, _cast(value_proj.weight, context.dtype), bias)
+        if self.value_activation == "sigmoid":
+            value = self.value_scale * torch.sigmoid(value)
+        return value, self.gate(context)
 
     def forward(self, state: torch.Tensor, sublayer_output: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.residual_mode == "additive":
