@@ -92,8 +92,10 @@ class BenchmarkArguments:
         self.presets = [name for item in self.presets for name in item.split(",") if name]  # "a,b" or "a b"
         if self.timer not in ("wall", "process"):
             raise ValueError(f"BenchmarkArguments: invalid timer={self.timer!r}; allowed values are wall, process.")
-        if self.autocast and self.dtype == "float32":
-            raise ValueError("BenchmarkArguments: --autocast needs --dtype bfloat16 or float16.")
+        if self.autocast and self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(
+                f"BenchmarkArguments: --autocast needs --dtype bfloat16 or float16, not dtype={self.dtype!r}."
+            )
         if self.implementation not in delta_ops.IMPLEMENTATIONS:
             raise ValueError(
                 f"BenchmarkArguments: invalid implementation={self.implementation!r}; "
@@ -391,7 +393,7 @@ def run_benchmark(args: BenchmarkArguments, log: Callable[[str], None] | None = 
                 rounds[name].append(result)
         log(f"round {index + 1}/{args.warmup + args.repeats} done")
     parameters = {runner.name: runner.parameters for runner in runners}
-    del runners
+    del runners, runner  # the loop variable still holds the last preset's model and optimiser state
     records = [{"preset": name, **_median_record(rounds[name]), "parameters": parameters[name]} for name in presets]
     for record in records:  # logged before the memory probes, so a run stopped during them keeps its timings
         log(f"{record['preset']}: {record}")

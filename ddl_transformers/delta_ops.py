@@ -43,6 +43,12 @@ def get_implementation() -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _autocast_off(device: torch.device) -> AbstractContextManager:
+    """The fused rewrite chooses its own precisions (float32 reads, the state's dtype): autocast would make its
+    matrix products bfloat16 and mismatch the in-place ones."""
+    return torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) else nullcontext()
+
+
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
     """At least float32 (float64 stays float64, e.g. for gradcheck)."""
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
@@ -74,7 +80,7 @@ def delta_update(
     """
     channels, is_scalar = _as_channels(state, direction)
     k = unit_direction(direction, eps)  # (..., d)
-    read = torch.einsum("...d,...dv->...v", k, _wide(channels))  # (..., d_v)
+    read = (k.unsqueeze(-1) * _wide(channels)).sum(-2)  # (..., d_v); an einsum would turn bfloat16 under autocast
     correction = _wide(beta) * (_wide(target) - read)  # (..., d_v)
     update = k.unsqueeze(-1) * correction.unsqueeze(-2)  # (..., d, d_v)
     new_state = channels + update.to(state.dtype)
@@ -120,7 +126,8 @@ def expand_embeddings(window: torch.Tensor, conv_weight: torch.Tensor) -> torch.
     `window` `(B, K - 1 + T, d)`: the `K - 1` inputs before the first token (zeros at the start), then the `T` inputs;
     `conv_weight` `(d * d_v, 1, K)`. Returns the states `(B, T, d, d_v)`."""
     hidden = window.shape[-1]
-    expanded = F.conv1d(window.transpose(1, 2), conv_weight.to(window.dtype), groups=hidden)  # (B, d * d_v, T)
+    with _autocast_off(window.device):  # the state keeps the embeddings' dtype, as in the fused expansion
+        expanded = F.conv1d(window.transpose(1, 2), conv_weight.to(window.dtype), groups=hidden)  # (B, d * d_v, T)
     return expanded.transpose(1, 2).unflatten(-1, (hidden, -1))
 
 
@@ -182,12 +189,6 @@ def _combine_into(out: torch.Tensor, weights: torch.Tensor, channels: torch.Tens
         return out.addcmul_(weights, channels)
     out.unsqueeze(1).baddbmm_(weights.unsqueeze(1), channels)
     return out
-
-
-def _autocast_off(device: torch.device) -> AbstractContextManager:
-    """The fused rewrite chooses its own precisions (float32 reads, the state's dtype): autocast would make its
-    matrix products bfloat16 and mismatch the in-place ones."""
-    return torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) else nullcontext()
 
 
 def _rewrite_forward(
@@ -343,7 +344,10 @@ def fused_channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     if torch.is_grad_enabled() and (state.requires_grad or weight.requires_grad):
         return _FusedChannelMix.apply(state, weight)
     weight = _cast(weight, state.dtype)
-    return torch.linalg.vecdot(state, weight) if state.numel() <= 64 * weight.numel() else _mix_channels(state, weight)
+    if state.numel() > 64 * weight.numel():
+        return _mix_channels(state, weight)
+    with _autocast_off(state.device):  # as the other paths: the state's dtype, not autocast's
+        return torch.linalg.vecdot(state, weight)
 
 
 def fused_token_mix(

@@ -3,11 +3,14 @@
 # 1. tests/test_cuda.py: fused operators, state tape and cached decoding on the GPU against the float64 reference;
 # 2. the `small` size in bfloat16 at the benchmark's default shape (4 x 256 tokens per step); 3. 16 x 1024 tokens
 # per step with float32 weights under bf16 autocast (Trainer's --bf16: float32 states, so the state tape is on).
-# About 9 minutes on an H100 (a round of 4 presets takes 15-20 s: eager decoding of 2 x 32 tokens dominates). Each step has its own time limit, so one slow step leaves the others their results.
+# About 9 minutes on an H100 (a round of 4 presets takes 15-20 s: eager decoding of 2 x 32 tokens dominates).
+# Each step has its own time limit, so one slow step leaves the others their results.
 set -uo pipefail
 PY=${PYTHON:-python3}
 out=${1:-outputs/cuda}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute, before moving to the repository root
+cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
 torch.cuda.get_device_name())" || exit 1
@@ -19,7 +22,9 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run; JSON under $out, log
     echo "== benchmark $name: $*" | tee -a "$out/tables.md"
     timeout "$seconds" "$PY" scripts/benchmark.py --device cuda --size small --output "$out/bench_$name.json" \
         --markdown "$out/table.tmp" "$@" >>"$out/benchmark.log" 2>&1 || echo "== stopped (exit $?)" | tee -a "$out/tables.md"
-    [ -f "$out/table.tmp" ] && cat "$out/table.tmp" | tee -a "$out/tables.md" && rm "$out/table.tmp"
+    if [ -f "$out/table.tmp" ]; then
+        tee -a "$out/tables.md" <"$out/table.tmp" && rm "$out/table.tmp"
+    fi
 }
 
 echo "== tests/test_cuda.py"

@@ -152,8 +152,14 @@ def test_autocast_keeps_float32_weights_and_runs_in_bfloat16(tmp_path):
         logits = runner.model(input_ids=runner.tokens).logits
     assert logits.dtype == torch.bfloat16
     before = runner.model.lm_head.weight.detach().clone()
+    dtypes = []
+    runner.model.lm_head.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     runner.train_step()
     assert not torch.equal(runner.model.lm_head.weight, before), "the mixed-precision step updates the weights"
+    runner.prefill()
+    runner.decode(1)
+    assert len(dtypes) == 3 + args.decode_tokens and set(dtypes) == {torch.bfloat16}, dtypes
     assert run_benchmark(args, log=None)["settings"]["autocast"] is True
-    with pytest.raises(ValueError, match="--autocast needs --dtype bfloat16 or float16"):
-        tiny_arguments(tmp_path, autocast=True)
+    for dtype in ("float32", "float64"):
+        with pytest.raises(ValueError, match="--autocast needs --dtype bfloat16 or float16"):
+            tiny_arguments(tmp_path, autocast=True, dtype=dtype)

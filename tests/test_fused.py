@@ -243,3 +243,27 @@ def test_fused_model_under_autocast(name):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         generated = model.generate(tokens[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert generated.shape == (2, 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["ddl-cc", "ddl-tc", "write-only"])
+def test_reference_and_fused_states_agree_under_autocast(name, dtype):
+    # mixed precision keeps float32 states with either implementation, in training and in cached decoding
+    model = perturbed_model(name).train()
+    tokens = torch.randint(3, TEST_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    logits, state_dtypes = {}, []
+    hook = model.model.layers[0].register_forward_pre_hook(lambda module, args: state_dtypes.append(args[0].dtype))
+    for implementation in delta_ops.IMPLEMENTATIONS:
+        delta_ops.set_implementation(implementation)
+        try:
+            with torch.autocast("cpu", dtype=dtype):
+                logits[implementation] = model(tokens).logits.float()
+                with torch.no_grad():
+                    out = model(tokens[:, :6], use_cache=True)
+                    model(tokens[:, 6:7], cache=out.cache, use_cache=True)
+        finally:
+            delta_ops.set_implementation("fused")
+    hook.remove()
+    assert state_dtypes == [torch.float32] * 6
+    error = (logits["reference"] - logits["fused"]).norm() / logits["fused"].norm()
+    assert error.item() < 2e-2, error
