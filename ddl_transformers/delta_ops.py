@@ -44,8 +44,8 @@ def get_implementation() -> str:
 
 
 def _autocast_off(device: torch.device) -> AbstractContextManager:
-    """The fused rewrite chooses its own precisions (float32 reads, the state's dtype): autocast would make its
-    matrix products bfloat16 and mismatch the in-place ones."""
+    """For the operators that choose their own precisions (the state's dtype, float32 reads): autocast would make
+    their matrix products and the expansion's convolution bfloat16 or float16 (and mismatch the in-place ones)."""
     return torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) else nullcontext()
 
 
