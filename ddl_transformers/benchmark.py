@@ -73,7 +73,11 @@ class BenchmarkArguments:
     repeats: int = field(default=5, metadata={"help": "Timed rounds; medians are reported."})
     compile: bool = field(default=False, metadata={"help": "Wrap every model in torch.compile."})
     implementation: str = field(
-        default="fused", metadata={"help": "DDL operators: fused (default) or reference (the plain autograd code)."}
+        default="fused",
+        metadata={
+            "help": "DDL operators: fused (default), reference (the plain autograd code) or triton (the fused ones "
+            "with the rewrite as Triton kernels on CUDA)."
+        },
     )
     memory: bool = field(default=True, metadata={"help": "Measure the peak memory of a training step."})
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: torch's choice)."})

@@ -13,8 +13,11 @@ them. `rewrite_function`, `channel_mix_function`, `token_mix_function` and `expa
 that chooses; `set_implementation("reference")` forces the reference (tests compare the two).
 """
 
+import functools
+import importlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +25,21 @@ from torch.autograd.function import once_differentiable
 
 from .state_tape import record_rewrite
 
-IMPLEMENTATIONS = ("fused", "reference")
+IMPLEMENTATIONS = ("fused", "reference", "triton")
 _implementation = "fused"
 
 
 def set_implementation(name: str) -> None:
-    """Choose the operators used by the model: `"fused"` (default) or `"reference"`."""
+    """Choose the operators used by the model: `"fused"` (default), `"reference"`, or `"triton"` (the fused operators
+    with the rewrite as Triton kernels on CUDA tensors; needs Triton and the installed package)."""
     global _implementation
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"Unknown DDL operator implementation {name!r}; allowed values are {IMPLEMENTATIONS}.")
+    if name == "triton" and _triton_module() is None:
+        raise ValueError(
+            "The triton implementation needs the `triton` package (`pip install triton`) and the installed "
+            "`ddl_transformers` package (it is not part of a saved model's remote code); use 'fused' instead."
+        )
     _implementation = name
 
 
@@ -41,6 +50,23 @@ def get_implementation() -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Reference operators
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _triton_module() -> ModuleType | None:
+    """`triton_rewrite`, or None where Triton (or, in remote code, the module) is missing."""
+    try:
+        return importlib.import_module(f"{__package__}.triton_rewrite")
+    except ImportError:
+        return None
+
+
+def _triton_kernels(state: torch.Tensor) -> ModuleType | None:
+    """The Triton rewrite when chosen and the state is on CUDA (any device while Triton interprets); else None."""
+    if _implementation != "triton":
+        return None
+    module = _triton_module()
+    return module if module is not None and (state.is_cuda or module.INTERPRETED) else None
 
 
 def _autocast_off(device: torch.device) -> AbstractContextManager:
@@ -231,15 +257,22 @@ def _rewrite_without_grad(
 
 class _FusedRewrite(torch.autograd.Function):
     """The rewrite as one node. Saves the input state (only to erase), `h` and per-token scalars; also returns the
-    weights `c` of `X + h c^T` (not differentiable), with which a `StateTape` can undo the rewrite."""
+    weights `c` of `X + h c^T` (not differentiable), with which a `StateTape` can undo the rewrite. `kernels`: the
+    Triton module (`triton_rewrite`) doing both passes, or None for the eager code."""
 
     @staticmethod
-    def forward(ctx, state, direction, target, beta, eps: float, erase: bool):
-        ctx.erase, ctx.inputs = erase, [(t.shape, t.dtype) for t in (direction, target, beta)]
-        with _autocast_off(state.device):
-            new_state, channels, h, scale, beta, read, error, coef = _rewrite_forward(
+    def forward(ctx, state, direction, target, beta, eps: float, erase: bool, kernels: ModuleType | None):
+        ctx.erase, ctx.kernels, ctx.scalar = erase, kernels, state.dim() == direction.dim()
+        ctx.inputs = [(t.shape, t.dtype) for t in (direction, target, beta)]
+        if kernels is not None:
+            new_state, channels, h, beta, scale, read, error, coef = kernels.rewrite_forward(
                 state, direction, target, beta, eps, erase
             )
+        else:
+            with _autocast_off(state.device):
+                new_state, channels, h, scale, beta, read, error, coef = _rewrite_forward(
+                    state, direction, target, beta, eps, erase
+                )
         ctx.save_for_backward(channels if erase else None, h, scale, beta, read, error)
         ctx.mark_non_differentiable(coef)
         return new_state, coef
@@ -247,11 +280,20 @@ class _FusedRewrite(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_coef):
-        with _autocast_off(grad_out.device):
-            return _FusedRewrite._backward(ctx, grad_out)
+        if ctx.kernels is not None:
+            channels, h, scale, beta, read, error = ctx.saved_tensors
+            grad_state, *grads = ctx.kernels.rewrite_backward(
+                grad_out, ctx.scalar, channels, h, beta, scale, read, error
+            )
+        else:
+            with _autocast_off(grad_out.device):
+                grad_state, *grads = _FusedRewrite._backward(ctx, grad_out)
+        grads = [g.reshape(shape).to(dtype) for g, (shape, dtype) in zip(grads, ctx.inputs)]
+        return grad_state if ctx.needs_input_grad[0] else None, *grads, None, None, None
 
     @staticmethod
     def _backward(ctx, grad_out):
+        """The eager backward: the gradients of the state, `h`, the target and the gate (the last three as rows)."""
         channels, h, scale, beta, read, error = ctx.saved_tensors
         grad = grad_out if grad_out.dim() == h.dim() else _flat(grad_out)
         grad_wide, h_wide = _wide(grad), _wide(h)
@@ -268,11 +310,7 @@ class _FusedRewrite(torch.autograd.Function):
         grad_state = grad_out
         if ctx.erase and ctx.needs_input_grad[0]:
             grad_state = _add_outer(grad_out, grad, -grad_target * scale, h)  # G - beta k (k^T G)
-        grads = [
-            g.reshape(shape).to(dtype)
-            for g, (shape, dtype) in zip((grad_direction, grad_target, grad_beta), ctx.inputs)
-        ]
-        return grad_state if ctx.needs_input_grad[0] else None, *grads, None, None
+        return grad_state, grad_direction, grad_target, grad_beta
 
 
 def _fused_rewrite(
@@ -284,10 +322,13 @@ def _fused_rewrite(
         return reference(state, direction, target, beta, eps)  # broadcasting shapes: rare, not worth a kernel
     beta = _wide(beta)
     needs_grad = state.requires_grad or direction.requires_grad or target.requires_grad or beta.requires_grad
+    kernels = _triton_kernels(state)
     if not (needs_grad and torch.is_grad_enabled()):
+        if kernels is not None:
+            return kernels.rewrite_forward(state, direction, target, beta, eps, erase)[0]
         with _autocast_off(state.device):
             return _rewrite_without_grad(state, direction, target, beta, eps, erase)
-    new_state, coef = _FusedRewrite.apply(state, direction, target, beta, eps, erase)
+    new_state, coef = _FusedRewrite.apply(state, direction, target, beta, eps, erase, kernels)
     record_rewrite(new_state, state, direction, coef.view(*lead, -1))
     return new_state
 
@@ -444,6 +485,7 @@ def fused_expand_embeddings(window: torch.Tensor, conv_weight: torch.Tensor) -> 
 
 _REWRITES = {
     "fused": {"delta": fused_delta_update, "write_only": fused_write_only_update},
+    "triton": {"delta": fused_delta_update, "write_only": fused_write_only_update},  # they choose the kernels
     "reference": {"delta": delta_update, "write_only": write_only_update},
 }
 
@@ -455,17 +497,17 @@ def rewrite_function(mode: str) -> Callable[..., torch.Tensor]:
 
 def channel_mix_function() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The CC mixing (also the final readout) in the chosen implementation."""
-    return fused_channel_mix if _implementation == "fused" else channel_mix
+    return fused_channel_mix if _implementation != "reference" else channel_mix
 
 
 def expansion_function() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """EC in the chosen implementation."""
-    return fused_expand_embeddings if _implementation == "fused" else expand_embeddings
+    return fused_expand_embeddings if _implementation != "reference" else expand_embeddings
 
 
 def token_mix_function() -> Callable[..., torch.Tensor]:
     """The TC mixing in the chosen implementation."""
-    return fused_token_mix if _implementation == "fused" else token_mix
+    return fused_token_mix if _implementation != "reference" else token_mix
 
 
 __all__ = [

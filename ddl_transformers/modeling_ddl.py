@@ -419,7 +419,7 @@ class DDLModel(DDLPreTrainedModel):
         rebuild = (
             torch.is_grad_enabled()
             and self.config.residual_mode != "additive"
-            and get_implementation() == "fused"
+            and get_implementation() != "reference"
             and not (self.gradient_checkpointing and self.training)
             and not torch.compiler.is_compiling()
         )

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The CUDA checks and GPU benchmark tables in one command: bash scripts/cuda_report.sh [OUTPUT_DIR]
-# 1. tests/test_cuda.py: fused operators, state tape and cached decoding on the GPU against the float64 reference;
-# 2. the `small` size in bfloat16 at the benchmark's default shape (4 x 256 tokens per step); 3. 16 x 1024 tokens
-# per step with float32 weights under bf16 autocast (Trainer's --bf16: float32 states, so the state tape is on).
-# About 8 minutes on an H100 (a round of 4 presets takes 15-25 s: eager decoding of 2 x 32 tokens dominates).
+# 1. tests/test_cuda.py and tests/test_triton.py: fused operators, Triton rewrite, state tape and cached decoding on
+# the GPU against the float64 reference; 2. the `small` size in bfloat16 at the benchmark's default shape (4 x 256
+# tokens per step), with rows for the Triton rewrite (`NAME@triton`); 3. 16 x 1024 tokens per step with float32
+# weights under bf16 autocast (Trainer's --bf16: float32 states, so the state tape is on). About 9 minutes on an H100
+# (a round of 4 presets takes 15-25 s: eager decoding of 2 x 32 tokens dominates).
 # Each step has its own time limit, so one slow step leaves the others their results.
 set -uo pipefail
 PY=${PYTHON:-python3}
@@ -28,9 +29,10 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run; JSON under $out, log
     fi
 }
 
-echo "== tests/test_cuda.py"
-timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$out/cuda_tests.log" 2>&1
+echo "== tests/test_cuda.py tests/test_triton.py"
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton.py >"$out/cuda_tests.log" 2>&1
 echo "== exit $?"; tail -n 25 "$out/cuda_tests.log"
-bench default 200 --dtype bfloat16 --repeats 6 --presets baseline ddl-scalar ddl-cc ddl-tc
-bench large 270 --dtype bfloat16 --autocast --repeats 4 --seq_len 1024 --batch_size 16 \
-    --presets baseline ddl-scalar ddl-cc ddl-tc
+bench default 200 --dtype bfloat16 --repeats 5 \
+    --presets baseline ddl-scalar ddl-cc ddl-tc ddl-scalar@triton ddl-cc@triton
+bench large 250 --dtype bfloat16 --autocast --repeats 3 --seq_len 1024 --batch_size 16 \
+    --presets baseline ddl-scalar ddl-cc ddl-tc ddl-cc@triton

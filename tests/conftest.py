@@ -6,6 +6,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():  # Triton kernels (tests/test_triton.py) then run in its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is first imported
 
 from ddl_transformers import PRESETS, DDLForCausalLM, preset_config  # noqa: E402
 

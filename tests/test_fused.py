@@ -163,8 +163,8 @@ def test_one_place_chooses_the_implementation(reference_operators):
     delta_ops.set_implementation("fused")
     assert delta_ops.rewrite_function("write_only") is fused_write_only_update
     assert delta_ops.token_mix_function() is fused_token_mix
-    with pytest.raises(ValueError, match="triton"):
-        delta_ops.set_implementation("triton")
+    with pytest.raises(ValueError, match="'cuda_graphs'; allowed values are"):
+        delta_ops.set_implementation("cuda_graphs")
 
 
 def _logits_and_grads(model: DDLForCausalLM, tokens: torch.Tensor):
@@ -253,7 +253,7 @@ def test_reference_and_fused_states_agree_under_autocast(name, dtype):
     tokens = torch.randint(3, TEST_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     logits, state_dtypes = {}, []
     hook = model.model.layers[0].register_forward_pre_hook(lambda module, args: state_dtypes.append(args[0].dtype))
-    for implementation in delta_ops.IMPLEMENTATIONS:
+    for implementation in ("fused", "reference"):
         delta_ops.set_implementation(implementation)
         try:
             with torch.autocast("cpu", dtype=dtype):

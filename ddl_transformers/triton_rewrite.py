@@ -1,0 +1,150 @@
+"""The fused DDL rewrite as two Triton kernels (forward, backward): one program per token, one launch per call.
+
+Chosen by `delta_ops.set_implementation("triton")` for CUDA tensors (other devices keep the eager fused operators).
+The math and what is saved are those of `delta_ops._FusedRewrite`: for a token with state `X` (`d_v` channels of
+`d`), sublayer output `h`, target `v` and gate `beta`, `s = 1 / sqrt(||h||^2 + eps^2)`, `read = s h^T X`,
+`c = beta (v - read) s` and `X' = X + h c^T`. States are channel-major `(N, d_v, d)` rows (`d_v = 1` for the scalar
+state); the arithmetic is float32 whatever the storage dtype. Not part of the remote code: Triton is optional.
+With `TRITON_INTERPRET=1` set before Triton is first imported, the kernels run on CPU tensors (the tests use that).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .delta_ops import _empty_channel_major, _flat
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _rewrite_forward_kernel(
+    state_ptr, h_ptr, target_ptr, beta_ptr, out_ptr, scale_ptr, read_ptr, error_ptr, coef_ptr,
+    hidden, value_channels, eps,
+    ERASE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    v = tl.arange(0, BLOCK_V)
+    d_in, v_in = d < hidden, v < value_channels
+    tile = row * value_channels * hidden + v[:, None] * hidden + d[None, :]  # (BLOCK_V, BLOCK_D)
+    tile_in = v_in[:, None] & d_in[None, :]
+    h = tl.load(h_ptr + row * hidden + d, mask=d_in, other=0.0).to(tl.float32)
+    target = tl.load(target_ptr + row * value_channels + v, mask=v_in, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + row).to(tl.float32)
+    state = tl.load(state_ptr + tile, mask=tile_in, other=0.0).to(tl.float32)
+    scale = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) + eps * eps)
+    if ERASE:
+        read = tl.sum(state * h[None, :], axis=1) * scale  # (BLOCK_V,)
+        error = target - read
+        tl.store(read_ptr + row * value_channels + v, read, mask=v_in)
+    else:
+        error = target
+    coef = beta * error * scale
+    new_state = state + coef[:, None] * h[None, :]
+    tl.store(out_ptr + tile, new_state.to(out_ptr.dtype.element_ty), mask=tile_in)
+    tl.store(scale_ptr + row, scale)
+    tl.store(error_ptr + row * value_channels + v, error, mask=v_in)
+    tl.store(coef_ptr + row * value_channels + v, coef, mask=v_in)
+
+
+@triton.jit
+def _rewrite_backward_kernel(
+    grad_ptr, state_ptr, h_ptr, scale_ptr, beta_ptr, read_ptr, error_ptr,
+    grad_state_ptr, grad_h_ptr, grad_target_ptr, grad_beta_ptr,
+    hidden, value_channels,
+    ERASE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    v = tl.arange(0, BLOCK_V)
+    d_in, v_in = d < hidden, v < value_channels
+    tile = row * value_channels * hidden + v[:, None] * hidden + d[None, :]
+    tile_in = v_in[:, None] & d_in[None, :]
+    grad = tl.load(grad_ptr + tile, mask=tile_in, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + row * hidden + d, mask=d_in, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + row)
+    beta = tl.load(beta_ptr + row).to(tl.float32)
+    error = tl.load(error_ptr + row * value_channels + v, mask=v_in, other=0.0)
+    k_grad = tl.sum(grad * h[None, :], axis=1) * scale  # k^T G, (BLOCK_V,)
+    grad_target = beta * k_grad
+    write_weights = beta * error
+    k_dot = tl.sum(write_weights * k_grad, axis=0)
+    grad_h = tl.sum(write_weights[:, None] * grad, axis=0) * scale
+    if ERASE:
+        read = tl.load(read_ptr + row * value_channels + v, mask=v_in, other=0.0)
+        state = tl.load(state_ptr + tile, mask=tile_in, other=0.0).to(tl.float32)
+        k_dot -= tl.sum(grad_target * read, axis=0)
+        grad_h -= tl.sum(grad_target[:, None] * state, axis=0) * scale
+        grad_state = grad - (grad_target * scale)[:, None] * h[None, :]  # G - beta k (k^T G)
+        tl.store(grad_state_ptr + tile, grad_state.to(grad_state_ptr.dtype.element_ty), mask=tile_in)
+    grad_h -= h * (k_dot * scale * scale)
+    tl.store(grad_h_ptr + row * hidden + d, grad_h, mask=d_in)
+    tl.store(grad_target_ptr + row * value_channels + v, grad_target, mask=v_in)
+    tl.store(grad_beta_ptr + row, tl.sum(error * k_grad, axis=0))
+
+
+def _launch_shape(hidden: int, value_channels: int) -> dict[str, int]:
+    return {"BLOCK_D": triton.next_power_of_2(hidden), "BLOCK_V": triton.next_power_of_2(value_channels)}
+
+
+def _as_rows(state: torch.Tensor, scalar: bool) -> torch.Tensor:
+    """A scalar `(..., d)` or expanded `(..., d, d_v)` state as contiguous channel-major rows `(N, d_v, d)`."""
+    return state.reshape(-1, 1, state.shape[-1]).contiguous() if scalar else _flat(state)
+
+
+def _like(state: torch.Tensor, scalar: bool) -> torch.Tensor:
+    """A new tensor shaped like `state`: contiguous (scalar) or channel-major (expanded)."""
+    return (
+        torch.empty(state.shape, dtype=state.dtype, device=state.device)
+        if scalar
+        else _empty_channel_major(state.shape, state)
+    )
+
+
+def rewrite_forward(
+    state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float, erase: bool
+) -> tuple[torch.Tensor, ...]:
+    """`_rewrite_forward` of `delta_ops` in one launch: the new state (channel-major if expanded) and what backward
+    needs: the rows of the input state, `h`, `beta`, and the float32 per-token `scale`, `read` (None without the
+    erase term), `error` and `coef`, all as rows."""
+    scalar = state.dim() == direction.dim()
+    channels = _as_rows(state, scalar)
+    rows, value_channels, hidden = channels.shape
+    h = direction.reshape(rows, hidden).contiguous()
+    target = target.reshape(rows, value_channels).contiguous()
+    beta = beta.reshape(rows, 1).contiguous()
+    new_state = _like(state, scalar)
+    scale = torch.empty(rows, 1, device=state.device, dtype=torch.float32)
+    error, coef = (torch.empty(rows, value_channels, device=state.device, dtype=torch.float32) for _ in range(2))
+    read = torch.empty_like(error) if erase else None
+    if rows:
+        _rewrite_forward_kernel[(rows,)](
+            channels, h, target, beta, _as_rows(new_state, scalar), scale, error if read is None else read, error, coef,
+            hidden, value_channels, eps, ERASE=erase, **_launch_shape(hidden, value_channels),
+        )  # fmt: skip
+    return new_state, channels, h, beta, scale, read, error, coef
+
+
+def rewrite_backward(
+    grad_out: torch.Tensor, scalar: bool, channels: torch.Tensor | None, h: torch.Tensor, beta: torch.Tensor,
+    scale: torch.Tensor, read: torch.Tensor | None, error: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The gradient of the state (`grad_out` itself without the erase term, i.e. when `channels`, the input state's
+    rows, is None), and float32 ones of `h` `(N, d)`, the target `(N, d_v)` and the gate `(N, 1)`."""
+    grad = _as_rows(grad_out, scalar)
+    rows, value_channels, hidden = grad.shape
+    erase = channels is not None
+    grad_state = _like(grad_out, scalar) if erase else grad_out
+    grad_h = torch.empty(rows, hidden, device=h.device, dtype=torch.float32)
+    grad_target = torch.empty(rows, value_channels, device=h.device, dtype=torch.float32)
+    grad_beta = torch.empty(rows, 1, device=h.device, dtype=torch.float32)
+    if rows:
+        _rewrite_backward_kernel[(rows,)](
+            grad, channels if erase else grad, h, scale, beta, error if read is None else read, error,
+            _as_rows(grad_state, scalar) if erase else grad, grad_h, grad_target, grad_beta,
+            hidden, value_channels, ERASE=erase, **_launch_shape(hidden, value_channels),
+        )  # fmt: skip
+    return grad_state, grad_h, grad_target, grad_beta
