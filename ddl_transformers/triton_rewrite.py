@@ -87,7 +87,9 @@ def _rewrite_backward_kernel(
 
 
 def _launch_shape(hidden: int, value_channels: int) -> dict[str, int]:
-    return {"BLOCK_D": triton.next_power_of_2(hidden), "BLOCK_V": triton.next_power_of_2(value_channels)}
+    """Blocks that hold a token's whole state, and enough warps to keep it in registers."""
+    block_d, block_v = triton.next_power_of_2(hidden), triton.next_power_of_2(value_channels)
+    return {"BLOCK_D": block_d, "BLOCK_V": block_v, "num_warps": min(16, max(4, block_d * block_v // 1024))}
 
 
 def _as_rows(state: torch.Tensor, scalar: bool) -> torch.Tensor:

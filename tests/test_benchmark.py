@@ -139,7 +139,8 @@ def test_cli_parses_its_flags():
     with pytest.raises(ValueError, match="timer"):
         BenchmarkArguments(timer="cycles")
     with pytest.raises(ValueError, match="presets"):
-        BenchmarkArguments(presets=["ddl-cc@triton"])
+        BenchmarkArguments(presets=["ddl-cc@compiled"])
+    assert BenchmarkArguments(presets=["ddl-cc@triton"]).presets == ["ddl-cc@triton"]
 
 
 def test_autocast_keeps_float32_weights_and_runs_in_bfloat16(tmp_path):
