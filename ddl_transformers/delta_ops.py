@@ -61,12 +61,17 @@ def _triton_module() -> ModuleType | None:
         return None
 
 
-def _triton_kernels(state: torch.Tensor) -> ModuleType | None:
-    """The Triton rewrite when chosen and the state is on CUDA (any device while Triton interprets); else None."""
-    if _implementation != "triton":
+def _triton_kernels(state: torch.Tensor, direction: torch.Tensor) -> ModuleType | None:
+    """The Triton rewrite when chosen and it fits: a float32/bfloat16/float16 state on CUDA (any device while Triton
+    interprets), a token's state small enough for one program, and no `torch.compile` tracing (Inductor fuses the
+    eager operators itself; the kernels are opaque to it); else None."""
+    if _implementation != "triton" or torch.compiler.is_compiling() or state.dtype == torch.float64:
         return None
     module = _triton_module()
-    return module if module is not None and (state.is_cuda or module.INTERPRETED) else None
+    if module is None or not (state.is_cuda or module.INTERPRETED):
+        return None
+    value_channels = 1 if state.dim() == direction.dim() else state.shape[-1]
+    return module if module.fits(direction.shape[-1], value_channels) else None
 
 
 def _autocast_off(device: torch.device) -> AbstractContextManager:
@@ -322,14 +327,14 @@ def _fused_rewrite(
         return reference(state, direction, target, beta, eps)  # broadcasting shapes: rare, not worth a kernel
     beta = _wide(beta)
     needs_grad = state.requires_grad or direction.requires_grad or target.requires_grad or beta.requires_grad
-    kernels = _triton_kernels(state)
+    kernels = _triton_kernels(state, direction)
     if not (needs_grad and torch.is_grad_enabled()):
         if kernels is not None:
             return kernels.rewrite_forward(state, direction, target, beta, eps, erase)[0]
         with _autocast_off(state.device):
             return _rewrite_without_grad(state, direction, target, beta, eps, erase)
     new_state, coef = _FusedRewrite.apply(state, direction, target, beta, eps, erase, kernels)
-    record_rewrite(new_state, state, direction, coef.view(*lead, -1))
+    record_rewrite(new_state, state, direction, coef.view(*lead, coef.shape[-1]))  # -1: ambiguous if empty
     return new_state
 
 

@@ -9,6 +9,7 @@ With `TRITON_INTERPRET=1` set before Triton is first imported, the kernels run o
 """
 
 import os
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import triton
@@ -86,10 +87,23 @@ def _rewrite_backward_kernel(
     tl.store(grad_beta_ptr + row, tl.sum(error * k_grad, axis=0))
 
 
+MAX_BLOCK = 1 << 16  # a token's padded state, in elements, that one program holds in registers (Triton's cap: 2^20)
+
+
+def fits(hidden: int, value_channels: int) -> bool:
+    """Whether a token's state `(d_v, d)` fits one program (larger ones keep the eager operators)."""
+    return 0 < triton.next_power_of_2(hidden) * triton.next_power_of_2(value_channels) <= MAX_BLOCK
+
+
 def _launch_shape(hidden: int, value_channels: int) -> dict[str, int]:
     """Blocks that hold a token's whole state, and enough warps to keep it in registers."""
     block_d, block_v = triton.next_power_of_2(hidden), triton.next_power_of_2(value_channels)
     return {"BLOCK_D": block_d, "BLOCK_V": block_v, "num_warps": min(16, max(4, block_d * block_v // 1024))}
+
+
+def _on_device(tensor: torch.Tensor) -> AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' one (e.g. a model on `cuda:1`)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else nullcontext()
 
 
 def _as_rows(state: torch.Tensor, scalar: bool) -> torch.Tensor:
@@ -123,10 +137,11 @@ def rewrite_forward(
     error, coef = (torch.empty(rows, value_channels, device=state.device, dtype=torch.float32) for _ in range(2))
     read = torch.empty_like(error) if erase else None
     if rows:
-        _rewrite_forward_kernel[(rows,)](
-            channels, h, target, beta, _as_rows(new_state, scalar), scale, error if read is None else read, error, coef,
-            hidden, value_channels, eps, ERASE=erase, **_launch_shape(hidden, value_channels),
-        )  # fmt: skip
+        with _on_device(state):
+            _rewrite_forward_kernel[(rows,)](
+                channels, h, target, beta, _as_rows(new_state, scalar), scale, error if read is None else read, error,
+                coef, hidden, value_channels, eps, ERASE=erase, **_launch_shape(hidden, value_channels),
+            )  # fmt: skip
     return new_state, channels, h, beta, scale, read, error, coef
 
 
@@ -144,9 +159,10 @@ def rewrite_backward(
     grad_target = torch.empty(rows, value_channels, device=h.device, dtype=torch.float32)
     grad_beta = torch.empty(rows, 1, device=h.device, dtype=torch.float32)
     if rows:
-        _rewrite_backward_kernel[(rows,)](
-            grad, channels if erase else grad, h, scale, beta, error if read is None else read, error,
-            _as_rows(grad_state, scalar) if erase else grad, grad_h, grad_target, grad_beta,
-            hidden, value_channels, ERASE=erase, **_launch_shape(hidden, value_channels),
-        )  # fmt: skip
+        with _on_device(grad):
+            _rewrite_backward_kernel[(rows,)](
+                grad, channels if erase else grad, h, scale, beta, error if read is None else read, error,
+                _as_rows(grad_state, scalar) if erase else grad, grad_h, grad_target, grad_beta,
+                hidden, value_channels, ERASE=erase, **_launch_shape(hidden, value_channels),
+            )  # fmt: skip
     return grad_state, grad_h, grad_target, grad_beta

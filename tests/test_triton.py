@@ -1,14 +1,18 @@
 """The Triton rewrite (`set_implementation("triton")`) against the reference: on CUDA, or in Triton's interpreter on
 the CPU (skipped where Triton is not installed)."""
 
+from contextlib import nullcontext
+from unittest.mock import patch
+
 import pytest
 import torch
 
 pytest.importorskip("triton")  # without CUDA, conftest.py has set TRITON_INTERPRET=1 before Triton's import
 
 from conftest import TEST_VOCAB, perturbed_model  # noqa: E402
+from test_state_tape import layer_outputs_alive_after_forward  # noqa: E402
 
-from ddl_transformers import delta_ops  # noqa: E402
+from ddl_transformers import DDLModel, delta_ops  # noqa: E402
 from ddl_transformers.delta_ops import (  # noqa: E402
     delta_update,
     fused_delta_update,
@@ -53,7 +57,7 @@ def test_triton_rewrite_matches_the_float64_reference(mode, value_channels, hidd
     low = [
         t.detach().to(DEVICE, torch.float32 if i == 3 else dtype).requires_grad_() for i, t in enumerate(wide)
     ]  # the gate stays float32, as in the model
-    assert delta_ops._triton_kernels(low[0]) is not None, "the Triton path is taken"
+    assert delta_ops._triton_kernels(low[0], low[1]) is not None, "the Triton path is taken"
     expected, got = reference(*wide), fused(*low)
     assert got.dtype == dtype and got.shape == expected.shape
     if value_channels > 1:
@@ -82,8 +86,23 @@ def test_triton_handles_any_input_layout_and_a_zero_direction(triton_operators):
     torch.testing.assert_close(fused_delta_update(state, zero, target, beta), state)
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the Triton launches (forward, backward), so a test knows the kernels ran rather than the fallback."""
+    module, calls = delta_ops._triton_module(), {"forward": 0, "backward": 0}
+    for name in calls:
+        original = getattr(module, f"rewrite_{name}")
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, f"rewrite_{name}", counted)
+    return calls
+
+
 @pytest.mark.parametrize("name", ["ddl-scalar", "ddl-cc", "write-only"])
-def test_triton_model_matches_the_fused_model(name):
+def test_triton_model_matches_the_fused_model(name, kernel_calls):
     # the state tape undoes the Triton rewrites too: same logits and gradients as the eager fused operators
     model = perturbed_model(name, num_hidden_layers=2).to(DEVICE).train()
     tokens = torch.randint(3, TEST_VOCAB, (2, 6), generator=torch.Generator().manual_seed(0)).to(DEVICE)
@@ -100,9 +119,88 @@ def test_triton_model_matches_the_fused_model(name):
         logits, grads = logits_and_grads()
     finally:
         delta_ops.set_implementation("fused")
+    layers = model.config.num_hidden_layers
+    assert kernel_calls == {"forward": 2 * layers, "backward": 2 * layers}, "every rewrite ran as the Triton kernels"
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
     for grad, expected in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddl-scalar", "ddl-tc"])
+def test_triton_states_are_rebuilt_by_the_state_tape(name, triton_operators, kernel_calls):
+    # the kernels save a view of the input state: the tape must still turn it into a token, not keep the state
+    model = perturbed_model(name, num_hidden_layers=3).to(DEVICE).train()
+    tokens = torch.randint(3, TEST_VOCAB, (2, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    with patch.object(DDLModel, "_state_recording", lambda self, state: nullcontext()):
+        kept, loss = layer_outputs_alive_after_forward(model, tokens)
+    assert kept[:-1] == [True, True]
+    expected = gradients(loss)
+    kept, loss = layer_outputs_alive_after_forward(model, tokens)
+    assert kept[:-1] == [False, False], "only the last state is kept; the others are rebuilt in backward"
+    rebuilt = gradients(loss)
+    assert kernel_calls["backward"] == 2 * 2 * model.config.num_hidden_layers
+    for grad, expected_grad in zip(rebuilt, expected):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5 * max(expected_grad.abs().max(), 1.0))
+
+
+def test_triton_cached_decoding_matches_the_full_forward(triton_operators, kernel_calls):
+    model = perturbed_model("ddl-tc", num_hidden_layers=2).to(DEVICE)
+    tokens = torch.randint(3, TEST_VOCAB, (2, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        full = model(tokens).logits
+        out = model(tokens[:, :5], use_cache=True)
+        steps = [out.logits]
+        for index in range(5, 8):
+            out = model(tokens[:, index : index + 1], cache=out.cache, use_cache=True)
+            steps.append(out.logits)
+    assert kernel_calls["forward"] == 5 * 2 * model.config.num_hidden_layers
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lead", [(0, 3), (2, 0)])
+@pytest.mark.parametrize("value_channels", [1, 4])
+def test_empty_batches_rewrite_to_empty_states(lead, value_channels, triton_operators):
+    hidden = 8
+    state = torch.randn(*lead, hidden, *([value_channels] if value_channels > 1 else []), device=DEVICE)
+    inputs = [state, torch.randn(*lead, hidden), torch.randn(*lead, value_channels), torch.rand(*lead, 1)]
+    inputs = [t.to(DEVICE).requires_grad_() for t in inputs]
+    for rewrite in (fused_delta_update, fused_write_only_update):
+        out = rewrite(*inputs)
+        assert out.shape == state.shape
+        out.sum().backward()
+
+
+def test_triton_falls_back_where_it_does_not_fit(triton_operators):
+    state, direction = torch.randn(2, 16, 4, device=DEVICE), torch.randn(2, 16, device=DEVICE)
+    assert delta_ops._triton_kernels(state, direction) is not None
+    assert delta_ops._triton_kernels(state.double(), direction.double()) is None, "float64 keeps the eager code"
+    wide = torch.empty(1, 1 << 15, 4, device=DEVICE)
+    assert delta_ops._triton_kernels(wide, wide[..., 0]) is None, "too large a state for one program"
+
+
+def test_compiled_code_keeps_the_traceable_operators(triton_operators, monkeypatch):
+    state, direction = torch.randn(2, 16, 4, device=DEVICE), torch.randn(2, 16, device=DEVICE)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert delta_ops._triton_kernels(state, direction) is None
+
+
+@pytest.mark.slow
+def test_triton_implementation_under_torch_compile(triton_operators, kernel_calls):
+    # compiled code uses the eager fused operators (traced by Dynamo); the kernels serve eager runs
+    torch._dynamo.reset()
+    model = perturbed_model("ddl-cc", num_hidden_layers=1).to(DEVICE).train()
+    tokens = torch.randint(3, TEST_VOCAB, (2, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    expected = model(tokens, labels=tokens).logits
+    kernel_calls["forward"] = 0
+    logits = torch.compile(model, backend="aot_eager")(tokens, labels=tokens).logits
+    assert kernel_calls["forward"] == 0
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_triton_is_refused_clearly_when_missing(monkeypatch):
