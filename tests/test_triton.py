@@ -12,7 +12,7 @@ pytest.importorskip("triton")  # without CUDA, conftest.py has set TRITON_INTERP
 from conftest import TEST_VOCAB, perturbed_model  # noqa: E402
 from test_state_tape import layer_outputs_alive_after_forward  # noqa: E402
 
-from ddl_transformers import DDLModel, delta_ops  # noqa: E402
+from ddl_transformers import DDLModel, delta_ops, state_tape  # noqa: E402
 from ddl_transformers.delta_ops import (  # noqa: E402
     delta_update,
     fused_delta_update,
@@ -141,8 +141,17 @@ def test_triton_states_are_rebuilt_by_the_state_tape(name, triton_operators, ker
         kept, loss = layer_outputs_alive_after_forward(model, tokens)
     assert kept[:-1] == [True, True]
     expected = gradients(loss)
-    kept, loss = layer_outputs_alive_after_forward(model, tokens)
+    saved, pack = [], state_tape.StateTape.pack  # what the tape made of each saved tensor
+    with patch.object(state_tape.StateTape, "pack", lambda tape, t: saved.append(pack(tape, t)) or saved[-1]):
+        kept, loss = layer_outputs_alive_after_forward(model, tokens)
+        triton_tokens = sum(isinstance(packed, state_tape._StateToken) for packed in saved)
+        saved.clear()
+        delta_ops.set_implementation("fused")
+        layer_outputs_alive_after_forward(model, tokens)
+        delta_ops.set_implementation("triton")
     assert kept[:-1] == [False, False], "only the last state is kept; the others are rebuilt in backward"
+    fused_tokens = sum(isinstance(packed, state_tape._StateToken) for packed in saved)
+    assert triton_tokens == fused_tokens > 0, "the Triton rewrite's saved input state is a token, as the eager one's"
     rebuilt = gradients(loss)
     assert kernel_calls["backward"] == 2 * 2 * model.config.num_hidden_layers
     for grad, expected_grad in zip(rebuilt, expected):
