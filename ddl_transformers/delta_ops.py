@@ -322,7 +322,8 @@ def _fused_rewrite(
     state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float, erase: bool
 ) -> torch.Tensor:
     lead = direction.shape[:-1]
-    if state.shape[: len(lead)] != lead or target.shape[:-1] != lead or beta.shape[:-1] != lead:
+    value_channels = 1 if state.dim() == direction.dim() else state.shape[-1]
+    if state.shape[: len(lead)] != lead or target.shape != (*lead, value_channels) or beta.shape != (*lead, 1):
         reference = delta_update if erase else write_only_update
         return reference(state, direction, target, beta, eps)  # broadcasting shapes: rare, not worth a kernel
     beta = _wide(beta)

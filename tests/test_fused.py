@@ -267,3 +267,14 @@ def test_reference_and_fused_states_agree_under_autocast(name, dtype):
     assert state_dtypes == [torch.float32] * 6
     error = (logits["reference"] - logits["fused"]).norm() / logits["fused"].norm()
     assert error.item() < 2e-2, error
+
+
+def test_fused_rewrite_broadcasts_a_shared_target_and_gate_like_the_reference():
+    state, direction, target, beta = (t.detach() for t in rewrite_inputs(DV, torch.float64))
+    shared_target, shared_beta = target[..., :1], beta.mean()  # (..., 1) for d_v = 4 channels, and a 0-d gate
+    for inputs in ((state, direction, shared_target, beta), (state, direction, target, shared_beta)):
+        expected = delta_update(*inputs)
+        torch.testing.assert_close(fused_delta_update(*inputs), expected)
+        with torch.enable_grad():
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            torch.testing.assert_close(fused_delta_update(*leaves), expected)
