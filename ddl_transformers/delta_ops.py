@@ -331,7 +331,7 @@ def _fused_rewrite(
     kernels = _triton_kernels(state, direction)
     if not (needs_grad and torch.is_grad_enabled()):
         if kernels is not None:
-            return kernels.rewrite_forward(state, direction, target, beta, eps, erase)[0]
+            return kernels.rewrite_forward(state, direction, target, beta, eps, erase, save=False)[0]
         with _autocast_off(state.device):
             return _rewrite_without_grad(state, direction, target, beta, eps, erase)
     new_state, coef = _FusedRewrite.apply(state, direction, target, beta, eps, erase, kernels)

@@ -24,7 +24,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 def _rewrite_forward_kernel(
     state_ptr, h_ptr, target_ptr, beta_ptr, out_ptr, scale_ptr, read_ptr, error_ptr, coef_ptr,
     hidden, value_channels, eps,
-    ERASE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+    ERASE: tl.constexpr, SAVE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
@@ -40,15 +40,17 @@ def _rewrite_forward_kernel(
     if ERASE:
         read = tl.sum(state * h[None, :], axis=1) * scale  # (BLOCK_V,)
         error = target - read
-        tl.store(read_ptr + row * value_channels + v, read, mask=v_in)
+        if SAVE:
+            tl.store(read_ptr + row * value_channels + v, read, mask=v_in)
     else:
         error = target
     coef = beta * error * scale
     new_state = state + coef[:, None] * h[None, :]
     tl.store(out_ptr + tile, new_state.to(out_ptr.dtype.element_ty), mask=tile_in)
-    tl.store(scale_ptr + row, scale)
-    tl.store(error_ptr + row * value_channels + v, error, mask=v_in)
-    tl.store(coef_ptr + row * value_channels + v, coef, mask=v_in)
+    if SAVE:  # what backward and the state tape need
+        tl.store(scale_ptr + row, scale)
+        tl.store(error_ptr + row * value_channels + v, error, mask=v_in)
+        tl.store(coef_ptr + row * value_channels + v, coef, mask=v_in)
 
 
 @triton.jit
@@ -121,11 +123,18 @@ def _like(state: torch.Tensor, scalar: bool) -> torch.Tensor:
 
 
 def rewrite_forward(
-    state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float, erase: bool
+    state: torch.Tensor,
+    direction: torch.Tensor,
+    target: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float,
+    erase: bool,
+    save: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """`_rewrite_forward` of `delta_ops` in one launch: the new state (channel-major if expanded) and what backward
     needs: the rows of the input state, `h`, `beta`, and the float32 per-token `scale`, `read` (None without the
-    erase term), `error` and `coef`, all as rows."""
+    erase term), `error` and `coef`, all as rows. `save=False` (decoding) writes the new state only; the rest is
+    then None."""
     scalar = state.dim() == direction.dim()
     channels = _as_rows(state, scalar)
     rows, value_channels, hidden = channels.shape
@@ -133,14 +142,17 @@ def rewrite_forward(
     target = target.reshape(rows, value_channels).contiguous()
     beta = beta.reshape(rows, 1).contiguous()
     new_state = _like(state, scalar)
-    scale = torch.empty(rows, 1, device=state.device, dtype=torch.float32)
-    error, coef = (torch.empty(rows, value_channels, device=state.device, dtype=torch.float32) for _ in range(2))
-    read = torch.empty_like(error) if erase else None
+    out = _as_rows(new_state, scalar)
+    scale = read = error = coef = None
+    if save:
+        scale = torch.empty(rows, 1, device=state.device, dtype=torch.float32)
+        error, coef = (torch.empty(rows, value_channels, device=state.device, dtype=torch.float32) for _ in range(2))
+        read = torch.empty_like(error) if erase else None
     if rows:
         with _on_device(state):
             _rewrite_forward_kernel[(rows,)](
-                channels, h, target, beta, _as_rows(new_state, scalar), scale, error if read is None else read, error,
-                coef, hidden, value_channels, eps, ERASE=erase, **_launch_shape(hidden, value_channels),
+                channels, h, target, beta, out, *(out if t is None else t for t in (scale, read, error, coef)),
+                hidden, value_channels, eps, ERASE=erase, SAVE=save, **_launch_shape(hidden, value_channels),
             )  # fmt: skip
     return new_state, channels, h, beta, scale, read, error, coef
 
