@@ -260,24 +260,26 @@ class DDLDeltaResidual(nn.Module):
         return 2.0 * torch.sigmoid(logits)
 
     def target(self, context: torch.Tensor) -> torch.Tensor:
-        """The value `v`, shape `(..., d_v)`."""
-        value = self.value_proj(context)
-        if self.value_activation == "sigmoid":
-            value = self.value_scale * torch.sigmoid(value)
-        return value
+        """The value `v`, shape `(..., d_v)`, in float32 (float64 for a float64 model)."""
+        return self._target(context, _wide(context))
 
     def target_and_gate(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`target(context)` and `gate(context)` in float32 (float64 for a float64 model). A plain value projection
-        (`nn.Linear` without hooks, not wrapped e.g. by a LoRA adapter) runs as `F.linear`, without a module call."""
+        """`target(context)` and `gate(context)`, with the context widened once."""
+        wide_context = _wide(context)
+        return self._target(context, wide_context), self.gate(wide_context)
+
+    def _target(self, context: torch.Tensor, wide_context: torch.Tensor) -> torch.Tensor:
+        """A plain value projection (`nn.Linear` without hooks) runs as one `F.linear` on the widened context, without
+        a module call; a wrapped one (e.g. a LoRA adapter) or a hooked one is called as a module on `context`."""
         value_proj = self.value_proj
-        if type(value_proj) is not nn.Linear or value_proj._forward_hooks or value_proj._forward_pre_hooks:
-            return _wide(self.target(context)), self.gate(context)
-        context = _wide(context)
-        bias = None if value_proj.bias is None else _cast(value_proj.bias, context.dtype)
-        value = F.linear(context, _cast(value_proj.weight, context.dtype), bias)
+        if type(value_proj) is nn.Linear and not (value_proj._forward_hooks or value_proj._forward_pre_hooks):
+            bias = None if value_proj.bias is None else _cast(value_proj.bias, wide_context.dtype)
+            value = F.linear(wide_context, _cast(value_proj.weight, wide_context.dtype), bias)
+        else:
+            value = value_proj(context)
         if self.value_activation == "sigmoid":
             value = self.value_scale * torch.sigmoid(value)
-        return value, self.gate(context)
+        return _wide(value)
 
     def forward(self, state: torch.Tensor, sublayer_output: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.residual_mode == "additive":
