@@ -17,8 +17,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -229,10 +229,16 @@ class _Runner:
     def measure(self, index: int) -> tuple[str, str | None, float]:
         """The `index`-th figure of `measurements`, with this preset's operator implementation."""
         metric, batch, measure = self.measurements()[index]
+        with self.operators():
+            return metric, batch, measure()
+
+    @contextmanager
+    def operators(self) -> Iterator[None]:
+        """This preset's operator implementation while the block runs."""
         previous = delta_ops.get_implementation()
         delta_ops.set_implementation(self.implementation)
         try:
-            return metric, batch, measure()
+            yield
         finally:
             delta_ops.set_implementation(previous)
 
@@ -325,14 +331,10 @@ def _cuda_peak_memory_mb(name: str, args: BenchmarkArguments, steps: int) -> flo
     torch.cuda.reset_peak_memory_stats(args.device)
     before = torch.cuda.memory_allocated(args.device)
     runner = _Runner(name, replace(args, compile=False))
-    previous = delta_ops.get_implementation()
-    delta_ops.set_implementation(runner.implementation)
-    try:
+    with runner.operators():
         for _ in range(steps):
             runner.train_step()
         _synchronize(args.device)
-    finally:
-        delta_ops.set_implementation(previous)
     peak = torch.cuda.max_memory_allocated(args.device) - before
     del runner
     gc.collect()
@@ -347,9 +349,9 @@ def _memory_probe(name: str, args: dict[str, Any], steps: int) -> float:
         torch.set_num_threads(args.threads)
     before = _status_mb("VmRSS")
     runner = _Runner(name, args)
-    delta_ops.set_implementation(runner.implementation)
-    for _ in range(steps):
-        runner.train_step()
+    with runner.operators():
+        for _ in range(steps):
+            runner.train_step()
     return _status_mb("VmHWM") - before
 
 
