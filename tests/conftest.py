@@ -33,6 +33,12 @@ def perturbed_model(name: str, seed: int = 0, scale: float = 0.2, **overrides) -
     return model.eval()
 
 
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """`||got - expected|| / ||expected||` over the whole tensor (got may be on a GPU, in any dtype); got must be finite."""
+    assert torch.isfinite(got).all(), "non-finite values"
+    return ((got.double().cpu() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
 @pytest.fixture(params=ALL_PRESETS)
 def preset_name(request) -> str:
     return request.param

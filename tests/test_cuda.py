@@ -9,7 +9,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from conftest import ALL_PRESETS, TEST_VOCAB, perturbed_model
+from conftest import ALL_PRESETS, TEST_VOCAB, perturbed_model, relative_error
 
 from ddl_transformers import DDLModel, delta_ops
 from ddl_transformers.delta_ops import (
@@ -29,11 +29,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 D, DV, K = 64, 4, 4
 MAX_ERROR = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    assert torch.isfinite(got).all(), "non-finite values"
-    return ((got.double().cpu() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def cuda_against_float64(fused, reference, inputs: list[torch.Tensor], dtype: torch.dtype, keep_float32=()) -> None:

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")  # without CUDA, conftest.py has set TRITON_INTERPRET=1 before Triton's import
 
-from conftest import TEST_VOCAB, perturbed_model  # noqa: E402
+from conftest import TEST_VOCAB, perturbed_model, relative_error  # noqa: E402
 from test_state_tape import layer_outputs_alive_after_forward  # noqa: E402
 
 from ddl_transformers import DDLModel, delta_ops, state_tape  # noqa: E402
@@ -30,11 +30,6 @@ def triton_operators():
     delta_ops.set_implementation("triton")
     yield
     delta_ops.set_implementation("fused")
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    assert torch.isfinite(got).all()
-    return ((got.double().cpu() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def rewrite_inputs(value_channels: int, hidden: int, seed: int = 0) -> list[torch.Tensor]:
