@@ -326,14 +326,12 @@ def _fused_rewrite(
     if state.shape[: len(lead)] != lead or target.shape != (*lead, value_channels) or beta.shape != (*lead, 1):
         reference = delta_update if erase else write_only_update
         return reference(state, direction, target, beta, eps)  # broadcasting shapes: rare, not worth a kernel
-    beta = _wide(beta)
     needs_grad = state.requires_grad or direction.requires_grad or target.requires_grad or beta.requires_grad
-    kernels = _triton_kernels(state, direction)
-    if not (needs_grad and torch.is_grad_enabled()):
+    kernels, beta = _triton_kernels(state, direction), _wide(beta)
+    if not (needs_grad and torch.is_grad_enabled()):  # decoding: the shortest path; autocast casts none of its ops
         if kernels is not None:
             return kernels.rewrite_forward(state, direction, target, beta, eps, erase, save=False)[0]
-        with _autocast_off(state.device):
-            return _rewrite_without_grad(state, direction, target, beta, eps, erase)
+        return _rewrite_without_grad(state, direction, target, beta, eps, erase)
     new_state, coef = _FusedRewrite.apply(state, direction, target, beta, eps, erase, kernels)
     record_rewrite(new_state, state, direction, coef.view(*lead, coef.shape[-1]))  # -1: ambiguous if empty
     return new_state
@@ -397,26 +395,87 @@ def fused_channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
         return torch.linalg.vecdot(state, weight)
 
 
+def _token_conv(window: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
+    """The depthwise 2-D convolution of `fused_token_mix`: the channel-major window `(B, L, d_v, d)` is, in
+    channels-last memory, an image of `d` channels and size `L x d_v`; `weight` `(K, d_v, d)` is a `K x d_v` kernel
+    per feature. `padding` zero tokens go before the window (and, unused, after it). Returns `(B, L + padding - K + 1,
+    d)`."""
+    hidden, seq_len = window.shape[-1], window.shape[1] + padding - weight.shape[0] + 1
+    image = window.permute(0, 3, 1, 2)  # (B, d, L, d_v), channels-last
+    mixed = F.conv2d(image, weight.permute(2, 0, 1).unsqueeze(1), padding=(padding, 0), groups=hidden)  # (B, d, L', 1)
+    return mixed[:, :, :seq_len, 0].transpose(1, 2)  # (B, T, d)
+
+
+class _FusedTokenConv(torch.autograd.Function):
+    """`_token_conv` with a faster kernel gradient on the CPU: one token-axis dot product per tap instead of the
+    convolution's own weight gradient (several times slower there). The window's gradient is the convolution's."""
+
+    @staticmethod
+    def forward(ctx, window, weight, padding: int):
+        ctx.save_for_backward(window, weight)
+        ctx.padding = padding
+        return _token_conv(window, weight, padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        window, weight = ctx.saved_tensors
+        grad_window = grad_weight = None
+        with _autocast_off(grad_out.device):
+            if ctx.needs_input_grad[0]:
+                grad_window = _token_conv_input_grad(grad_out.to(window.dtype), window, weight, ctx.padding)
+            if ctx.needs_input_grad[1]:
+                grad_weight = _token_conv_weight_grad(grad_out, window, weight.shape[0], ctx.padding).to(weight.dtype)
+        return grad_window, grad_weight, None
+
+
+def _token_conv_input_grad(grad_out: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, padding: int):
+    """The window's gradient `(B, L, d_v, d)` from the convolution's backward (its output grows by the unused
+    trailing padding, which gets a zero gradient)."""
+    batch, seq_len, hidden = grad_out.shape
+    kernel_size = weight.shape[0]
+    out_len = window.shape[1] + 2 * padding - kernel_size + 1
+    grad_image = grad_out.new_zeros(batch, out_len, 1, hidden).permute(0, 3, 1, 2)  # (B, d, L', 1), channels-last
+    grad_image[:, :, :seq_len, 0] = grad_out.transpose(1, 2)
+    image, kernel = window.permute(0, 3, 1, 2), weight.permute(2, 0, 1).unsqueeze(1)
+    grad_window = torch.ops.aten.convolution_backward(
+        grad_image, image, kernel, None, [1, 1], [padding, 0], [1, 1], False, [0, 0], hidden, [True, False, False]
+    )[0]
+    return grad_window.permute(0, 2, 3, 1)  # (B, L, d_v, d)
+
+
+def _token_conv_weight_grad(grad_out: torch.Tensor, window: torch.Tensor, kernel_size: int, padding: int):
+    """`(K, d_v, d)`, in float32 at least: output `t` reads window position `t + k - padding` with tap `k`, so
+    tap `k`'s gradient is `sum_t grad[t] * window[t + k - padding]`."""
+    grad, window = _wide(grad_out).unsqueeze(2), _wide(window)  # grad (B, T, 1, d)
+    seq_len, window_len = grad.shape[1], window.shape[1]
+    taps = []
+    for tap in range(kernel_size):
+        shift = tap - padding
+        first, last = max(0, -shift), min(seq_len, window_len - shift)  # the outputs whose position is in the window
+        taps.append(torch.linalg.vecdot(grad[:, first:last], window[:, first + shift : last + shift], dim=1).sum(0))
+    return torch.stack(taps)
+
+
 def fused_token_mix(
     states: torch.Tensor, conv_weight: torch.Tensor, read: torch.Tensor, history: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`token_mix` as one depthwise 2-D convolution: the channel-major state `(B, T, d_v, d)` is, in channels-last
-    memory, an image of `d` channels and size `T x d_v`, and a `K x d_v` kernel per feature (the read folded into it)
-    does the token convolution and the read over channels at once. Causal zero padding is the convolution's own.
-    One decoded token is a single multiply-and-sum over its window instead."""
-    batch, seq_len, hidden, value_channels = states.shape
-    kernel_size = conv_weight.shape[-1]
+    """`token_mix` as one depthwise convolution with the read folded into its `K x d_v` kernel per feature (see
+    `_token_conv`); causal zero padding is the convolution's own. On the CPU, training takes `_FusedTokenConv`'s
+    backward. One decoded token is a single multiply-and-sum over its window instead."""
+    kernel_size, hidden, value_channels = conv_weight.shape[-1], states.shape[-2], states.shape[-1]
     weight = conv_weight.view(hidden, value_channels, kernel_size).permute(2, 1, 0) * read.unsqueeze(-1)  # (K, d_v, d)
     weight = weight.to(states.dtype)
     window = channel_major(states)  # (B, T, d_v, d)
+    padding = kernel_size - 1
     if history is not None:
-        window = torch.cat([channel_major(history), window], 1)
-        if seq_len == 1:
+        window, padding = torch.cat([channel_major(history), window], 1), 0
+        if states.shape[1] == 1:
             return (window * weight).sum((1, 2)).unsqueeze(1)
-    image = window.permute(0, 3, 1, 2)  # (B, d, L, d_v), channels-last
-    padding = (kernel_size - 1 if history is None else 0, 0)
-    mixed = F.conv2d(image, weight.permute(2, 0, 1).unsqueeze(1), padding=padding, groups=hidden)  # (B, d, L', 1)
-    return mixed[:, :, :seq_len, 0].transpose(1, 2)  # (B, T, d)
+    needs_grad = torch.is_grad_enabled() and (window.requires_grad or weight.requires_grad)
+    if needs_grad and window.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _FusedTokenConv.apply(window, weight, padding)
+    return _token_conv(window, weight, padding)
 
 
 def _expansion_taps(conv_weight: torch.Tensor, hidden: int) -> torch.Tensor:
