@@ -328,7 +328,9 @@ def _fused_rewrite(
         return reference(state, direction, target, beta, eps)  # broadcasting shapes: rare, not worth a kernel
     needs_grad = state.requires_grad or direction.requires_grad or target.requires_grad or beta.requires_grad
     kernels, beta = _triton_kernels(state, direction), _wide(beta)
-    if not (needs_grad and torch.is_grad_enabled()):  # decoding: the shortest path; autocast casts none of its ops
+    if not (
+        needs_grad and torch.is_grad_enabled()
+    ):  # decoding: the shortest path; autocast changes none of its dtypes
         if kernels is not None:
             return kernels.rewrite_forward(state, direction, target, beta, eps, erase, save=False)[0]
         return _rewrite_without_grad(state, direction, target, beta, eps, erase)
@@ -401,14 +403,20 @@ def _token_conv(window: torch.Tensor, weight: torch.Tensor, padding: int) -> tor
     per feature. `padding` zero tokens go before the window (and, unused, after it). Returns `(B, L + padding - K + 1,
     d)`."""
     hidden, seq_len = window.shape[-1], window.shape[1] + padding - weight.shape[0] + 1
-    image = window.permute(0, 3, 1, 2)  # (B, d, L, d_v), channels-last
-    mixed = F.conv2d(image, weight.permute(2, 0, 1).unsqueeze(1), padding=(padding, 0), groups=hidden)  # (B, d, L', 1)
+    mixed = F.conv2d(*_conv_operands(window, weight), padding=(padding, 0), groups=hidden)  # (B, d, L', 1)
     return mixed[:, :, :seq_len, 0].transpose(1, 2)  # (B, T, d)
+
+
+def _conv_operands(window: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window as a channels-last image `(B, d, L, d_v)` and the kernel as `(d, 1, K, d_v)`, both views."""
+    return window.permute(0, 3, 1, 2), weight.permute(2, 0, 1).unsqueeze(1)
 
 
 class _FusedTokenConv(torch.autograd.Function):
     """`_token_conv` with a faster kernel gradient on the CPU: one token-axis dot product per tap instead of the
-    convolution's own weight gradient (several times slower there). The window's gradient is the convolution's."""
+    convolution's own weight gradient (several times slower there). The window's gradient is the convolution's.
+    The forward runs under autocast like any convolution; the backward runs in the inputs' dtypes (the kernel's
+    gradient in float32 at least)."""
 
     @staticmethod
     def forward(ctx, window, weight, padding: int):
@@ -423,7 +431,8 @@ class _FusedTokenConv(torch.autograd.Function):
         grad_window = grad_weight = None
         with _autocast_off(grad_out.device):
             if ctx.needs_input_grad[0]:
-                grad_window = _token_conv_input_grad(grad_out.to(window.dtype), window, weight, ctx.padding)
+                grad = grad_out.to(window.dtype)  # differs under autocast (a bfloat16 output of float32 inputs)
+                grad_window = _token_conv_input_grad(grad, window, weight, ctx.padding)
             if ctx.needs_input_grad[1]:
                 grad_weight = _token_conv_weight_grad(grad_out, window, weight.shape[0], ctx.padding).to(weight.dtype)
         return grad_window, grad_weight, None
@@ -437,8 +446,8 @@ def _token_conv_input_grad(grad_out: torch.Tensor, window: torch.Tensor, weight:
     out_len = window.shape[1] + 2 * padding - kernel_size + 1
     grad_image = grad_out.new_zeros(batch, out_len, 1, hidden).permute(0, 3, 1, 2)  # (B, d, L', 1), channels-last
     grad_image[:, :, :seq_len, 0] = grad_out.transpose(1, 2)
-    image, kernel = window.permute(0, 3, 1, 2), weight.permute(2, 0, 1).unsqueeze(1)
-    grad_window = torch.ops.aten.convolution_backward(
+    image, kernel = _conv_operands(window, weight)
+    grad_window = torch.ops.aten.convolution_backward(  # stride, padding, dilation, ..., groups, output_mask
         grad_image, image, kernel, None, [1, 1], [padding, 0], [1, 1], False, [0, 0], hidden, [True, False, False]
     )[0]
     return grad_window.permute(0, 2, 3, 1)  # (B, L, d_v, d)
@@ -452,7 +461,8 @@ def _token_conv_weight_grad(grad_out: torch.Tensor, window: torch.Tensor, kernel
     taps = []
     for tap in range(kernel_size):
         shift = tap - padding
-        first, last = max(0, -shift), min(seq_len, window_len - shift)  # the outputs whose position is in the window
+        first = max(0, -shift)
+        last = max(first, min(seq_len, window_len - shift))  # outputs [first, last) read positions in the window
         taps.append(torch.linalg.vecdot(grad[:, first:last], window[:, first + shift : last + shift], dim=1).sum(0))
     return torch.stack(taps)
 

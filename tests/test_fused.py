@@ -157,25 +157,30 @@ def test_fused_token_mix_with_history_matches_reference(seq_len):
     )
 
 
-@pytest.mark.parametrize("history_len", [None, 3])
+@pytest.mark.parametrize(("seq_len", "kernel", "history_len"), [(6, 4, None), (6, 4, 3), (3, 5, None), (2, 6, 5)])
 @pytest.mark.parametrize("needs_grad", ["both", "states", "weights"])
-def test_fused_token_mix_training_backward_is_exact(history_len, needs_grad):
-    # the CPU training path: its own backward (the convolution's input gradient, a dot product per tap for the kernel)
+def test_fused_token_mix_training_backward_is_exact(seq_len, kernel, history_len, needs_grad):
+    # the CPU training path: its own backward (the convolution's input gradient, a dot product per tap for the
+    # kernel), also for sequences shorter than the kernel
     generator = torch.Generator().manual_seed(0)
-    states = torch.randn(2, 6, 5, 3, generator=generator, dtype=torch.float64)
-    conv_weight = torch.randn(15, 1, 4, generator=generator, dtype=torch.float64)
-    read = torch.randn(3, generator=generator, dtype=torch.float64)
-    history = (
-        None if history_len is None else torch.randn(2, history_len, 5, 3, generator=generator, dtype=torch.float64)
-    )
-    inputs = {"both": [states, conv_weight, read], "states": [states], "weights": [conv_weight, read]}[needs_grad]
-    for tensor in inputs:
-        tensor.requires_grad_()
-    out = fused_token_mix(states, conv_weight, read, history)
+    tensors = {
+        "states": torch.randn(2, seq_len, 5, 3, generator=generator, dtype=torch.float64),
+        "conv_weight": torch.randn(15, 1, kernel, generator=generator, dtype=torch.float64),
+        "read": torch.randn(3, generator=generator, dtype=torch.float64),
+    }
+    if history_len is not None:
+        tensors["history"] = torch.randn(2, history_len, 5, 3, generator=generator, dtype=torch.float64)
+    names = {"both": ["states", "conv_weight", "read"], "states": ["states"], "weights": ["conv_weight", "read"]}
+    inputs = [tensors[name].requires_grad_() for name in names[needs_grad]]
+
+    def mix(*grad_inputs):
+        return fused_token_mix(**{**tensors, **dict(zip(names[needs_grad], grad_inputs))})
+
+    out = mix(*inputs)
     assert type(out.grad_fn).__name__ == "_FusedTokenConvBackward"
-    assert torch.autograd.gradcheck(lambda *args: fused_token_mix(states, conv_weight, read, history), inputs)
+    assert torch.autograd.gradcheck(mix, inputs)
     grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
-    expected = torch.autograd.grad(token_mix(states, conv_weight, read, history), inputs, grad_out)
+    expected = torch.autograd.grad(token_mix(**tensors), inputs, grad_out)
     for grad, expected_grad in zip(torch.autograd.grad(out, inputs, grad_out), expected):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
 
