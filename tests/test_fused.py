@@ -157,6 +157,23 @@ def test_fused_token_mix_with_history_matches_reference(seq_len):
     )
 
 
+@pytest.mark.parametrize("shape", [(2, 3, D, DV), (0, 3, D, DV), (7, D, DV), (D, DV)])
+@pytest.mark.parametrize("channel_major", [True, False])
+def test_fused_channel_mix_gradients_for_any_rank_and_layout(shape, channel_major):
+    generator = torch.Generator().manual_seed(0)
+    if channel_major:
+        state = torch.randn(*shape[:-2], DV, D, generator=generator, dtype=torch.float64).transpose(-1, -2)
+    else:
+        state = torch.randn(shape, generator=generator, dtype=torch.float64)
+    weight = torch.randn(D, DV, generator=generator, dtype=torch.float64)
+    inputs = (state.requires_grad_(), weight.requires_grad_())
+    assert torch.autograd.gradcheck(fused_channel_mix, inputs)
+    grad_out = torch.randn(shape[:-1], generator=generator, dtype=torch.float64)
+    expected = torch.autograd.grad(channel_mix(*inputs), inputs, grad_out)
+    for grad, expected_grad in zip(torch.autograd.grad(fused_channel_mix(*inputs), inputs, grad_out), expected):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize(("seq_len", "kernel", "history_len"), [(6, 4, None), (6, 4, 3), (3, 5, None), (2, 6, 5)])
 @pytest.mark.parametrize("needs_grad", ["both", "states", "weights"])
 def test_fused_token_mix_training_backward_is_exact(seq_len, kernel, history_len, needs_grad):
