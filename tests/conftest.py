@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():  # Triton kernels (tests/test_triton.py) then run in its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is first imported
 
-from ddl_transformers import PRESETS, DDLForCausalLM, preset_config  # noqa: E402
+from ddl_transformers import PRESETS, DDLForCausalLM, delta_ops, preset_config  # noqa: E402
 
 ALL_PRESETS = list(PRESETS)
 TEST_VOCAB = 96
@@ -37,6 +37,22 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     """`||got - expected|| / ||expected||` over the whole tensor (got may be on a GPU, in any dtype); got must be finite."""
     assert torch.isfinite(got).all(), "non-finite values"
     return ((got.double().cpu() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def logits_and_grads(model: DDLForCausalLM, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The logits and every parameter's gradient (by name) of one training step on `tokens`."""
+    model.zero_grad()
+    out = model(tokens, labels=tokens)
+    out.loss.backward()
+    return out.logits.detach(), {name: param.grad.clone() for name, param in model.named_parameters()}
+
+
+@pytest.fixture
+def reference_operators():
+    """The reference operators for the test; the fused ones afterwards."""
+    delta_ops.set_implementation("reference")
+    yield
+    delta_ops.set_implementation("fused")
 
 
 @pytest.fixture(params=ALL_PRESETS)

@@ -9,7 +9,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from conftest import ALL_PRESETS, TEST_VOCAB, perturbed_model, relative_error
+from conftest import ALL_PRESETS, TEST_VOCAB, logits_and_grads, perturbed_model, relative_error
 
 from ddl_transformers import DDLModel, delta_ops
 from ddl_transformers.delta_ops import (
@@ -78,20 +78,6 @@ def test_cuda_compressors_and_expansion(dtype):
     cuda_against_float64(fused_expand_embeddings, expand_embeddings, [window, torch.randn(D * DV, 1, K)], dtype)
 
 
-@pytest.fixture
-def reference_operators():
-    delta_ops.set_implementation("reference")
-    yield
-    delta_ops.set_implementation("fused")
-
-
-def logits_and_grads(model, tokens):
-    model.zero_grad()
-    out = model(tokens, labels=tokens)
-    out.loss.backward()
-    return out.logits.detach(), [p.grad.detach().clone() for p in model.parameters()]
-
-
 @pytest.mark.parametrize("name", ALL_PRESETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_model_matches_the_float64_reference(name, dtype, reference_operators):
@@ -103,14 +89,17 @@ def test_cuda_model_matches_the_float64_reference(name, dtype, reference_operato
     logits, grads = logits_and_grads(model, tokens.cuda())
     assert relative_error(logits, expected_logits) < MAX_ERROR[dtype]
     if dtype == torch.float32:  # TF32 convolutions (cuDNN's default) add a little
-        for grad, expected_grad in zip(grads, expected_grads):
+        for grad, expected_grad in zip(grads.values(), expected_grads.values()):
             assert relative_error(grad, expected_grad) < MAX_ERROR[dtype] * 3
     else:  # one bfloat16 gradient of a tiny parameter can be far off; all of them together stay close
-        flat = torch.cat([grad.double().flatten().cpu() for grad in grads])
-        assert relative_error(flat, torch.cat([grad.flatten() for grad in expected_grads])) < MAX_ERROR[dtype] * 2
+        flat = torch.cat([grad.double().flatten().cpu() for grad in grads.values()])
+        assert (
+            relative_error(flat, torch.cat([grad.flatten() for grad in expected_grads.values()]))
+            < MAX_ERROR[dtype] * 2
+        )
 
 
-def peak_training_memory(model, tokens, recording: bool) -> tuple[int, list[torch.Tensor]]:
+def peak_training_memory(model, tokens, recording: bool) -> tuple[int, dict[str, torch.Tensor]]:
     context = nullcontext() if recording else patch.object(DDLModel, "_state_recording", lambda s, x: nullcontext())
     model.zero_grad(set_to_none=True)  # else the second run starts with the first one's gradients, freed inside it
     torch.cuda.synchronize()
@@ -131,7 +120,7 @@ def test_cuda_state_tape_saves_memory_and_keeps_gradients(name):
     state_bytes = tokens.numel() * model.config.hidden_size * model.config.value_channels * 4
     # the tape keeps the last state and one rebuild buffer instead of about two states per layer
     assert kept_peak - rebuilt_peak > model.config.num_hidden_layers * state_bytes / 2, (rebuilt_peak, kept_peak)
-    for grad, expected in zip(rebuilt_grads, kept_grads):
+    for grad, expected in zip(rebuilt_grads.values(), kept_grads.values()):
         assert relative_error(grad, expected.double().cpu()) < 1e-4
 
 
@@ -168,5 +157,5 @@ def test_cuda_model_under_autocast(name, dtype):
             out.loss.backward()
         assert relative_error(out.logits, expected_logits.double().cpu()) < 5e-2
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
-        expected = torch.cat([grad.flatten() for grad in expected_grads])
+        expected = torch.cat([grad.flatten() for grad in expected_grads.values()])
         assert relative_error(grads, expected.double().cpu()) < 5e-2

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import ALL_PRESETS, TEST_VOCAB, perturbed_model
+from conftest import ALL_PRESETS, TEST_VOCAB, logits_and_grads, perturbed_model
 
-from ddl_transformers import DDLForCausalLM, delta_ops
+from ddl_transformers import delta_ops
 from ddl_transformers.delta_ops import (
     channel_mix,
     delta_update,
@@ -19,13 +19,6 @@ from ddl_transformers.delta_ops import (
 D, DV = 16, 4
 PAIRS = {"delta": (delta_update, fused_delta_update), "write_only": (write_only_update, fused_write_only_update)}
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
-
-
-@pytest.fixture
-def reference_operators():
-    delta_ops.set_implementation("reference")
-    yield
-    delta_ops.set_implementation("fused")
 
 
 def rewrite_inputs(value_channels, dtype, batch=(3, 5), seed=0):
@@ -212,24 +205,17 @@ def test_one_place_chooses_the_implementation(reference_operators):
         delta_ops.set_implementation("cuda_graphs")
 
 
-def _logits_and_grads(model: DDLForCausalLM, tokens: torch.Tensor):
-    model.zero_grad()
-    out = model(tokens, labels=tokens)
-    out.loss.backward()
-    return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("name", ALL_PRESETS)
 def test_fused_model_equals_reference_model(name, reference_operators):
     model = perturbed_model(name).train()
     tokens = torch.randint(3, TEST_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(tokens)
     mask[0, :3] = 0
-    ref_logits, ref_grads = _logits_and_grads(model, tokens)
+    ref_logits, ref_grads = logits_and_grads(model, tokens)
     with torch.no_grad():
         ref_masked = model(tokens, attention_mask=mask).logits
     delta_ops.set_implementation("fused")
-    logits, grads = _logits_and_grads(model, tokens)
+    logits, grads = logits_and_grads(model, tokens)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens, attention_mask=mask).logits, ref_masked, rtol=1e-5, atol=1e-5)
@@ -272,7 +258,7 @@ def test_fused_model_under_autocast(name):
     # Trainer's bf16 (autocast): float32 weights and states; backward inside or outside the autocast region
     model = perturbed_model(name).train()
     tokens = torch.randint(3, TEST_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-    expected, expected_grads = _logits_and_grads(model, tokens)
+    expected, expected_grads = logits_and_grads(model, tokens)
     for backward_inside in (True, False):
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")  # without CUDA, conftest.py has set TRITON_INTERPRET=1 before Triton's import
 
-from conftest import TEST_VOCAB, perturbed_model, relative_error  # noqa: E402
+from conftest import TEST_VOCAB, logits_and_grads, perturbed_model, relative_error  # noqa: E402
 from test_state_tape import layer_outputs_alive_after_forward  # noqa: E402
 
 from ddl_transformers import DDLModel, delta_ops, state_tape  # noqa: E402
@@ -102,22 +102,16 @@ def test_triton_model_matches_the_fused_model(name, kernel_calls):
     model = perturbed_model(name, num_hidden_layers=2).to(DEVICE).train()
     tokens = torch.randint(3, TEST_VOCAB, (2, 6), generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
-    def logits_and_grads():
-        model.zero_grad()
-        out = model(tokens, labels=tokens)
-        out.loss.backward()
-        return out.logits.detach(), [p.grad.clone() for p in model.parameters()]
-
-    expected_logits, expected_grads = logits_and_grads()
+    expected_logits, expected_grads = logits_and_grads(model, tokens)
     delta_ops.set_implementation("triton")
     try:
-        logits, grads = logits_and_grads()
+        logits, grads = logits_and_grads(model, tokens)
     finally:
         delta_ops.set_implementation("fused")
     layers = model.config.num_hidden_layers
     assert kernel_calls == {"forward": 2 * layers, "backward": 2 * layers}, "every rewrite ran as the Triton kernels"
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
-    for grad, expected in zip(grads, expected_grads):
+    for grad, expected in zip(grads.values(), expected_grads.values()):
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
 
 
