@@ -330,7 +330,7 @@ def _fused_rewrite(
     kernels, beta = _triton_kernels(state, direction), _wide(beta)
     if not (
         needs_grad and torch.is_grad_enabled()
-    ):  # decoding: the shortest path; autocast changes none of its dtypes
+    ):  # decoding: the shortest path (autocast changes none of its dtypes)
         if kernels is not None:
             return kernels.rewrite_forward(state, direction, target, beta, eps, erase, save=False)[0]
         return _rewrite_without_grad(state, direction, target, beta, eps, erase)
@@ -434,7 +434,8 @@ class _FusedTokenConv(torch.autograd.Function):
                 grad = grad_out.to(window.dtype)  # differs under autocast (a bfloat16 output of float32 inputs)
                 grad_window = _token_conv_input_grad(grad, window, weight, ctx.padding)
             if ctx.needs_input_grad[1]:
-                grad_weight = _token_conv_weight_grad(grad_out, window, weight.shape[0], ctx.padding).to(weight.dtype)
+                taps = _tap_gradients(grad_out.unsqueeze(2), window, weight.shape[0], ctx.padding)  # (K, d_v, d)
+                grad_weight = taps.to(weight.dtype)
         return grad_window, grad_weight, None
 
 
@@ -453,17 +454,20 @@ def _token_conv_input_grad(grad_out: torch.Tensor, window: torch.Tensor, weight:
     return grad_window.permute(0, 2, 3, 1)  # (B, L, d_v, d)
 
 
-def _token_conv_weight_grad(grad_out: torch.Tensor, window: torch.Tensor, kernel_size: int, padding: int):
-    """`(K, d_v, d)`, in float32 at least: output `t` reads window position `t + k - padding` with tap `k`, so
-    tap `k`'s gradient is `sum_t grad[t] * window[t + k - padding]`."""
-    grad, window = _wide(grad_out).unsqueeze(2), _wide(window)  # grad (B, T, 1, d)
+def _tap_gradients(grad: torch.Tensor, window: torch.Tensor, kernel_size: int, padding: int) -> torch.Tensor:
+    """The kernel gradient `(K, ...)` of a convolution along tokens whose output `t` reads window position
+    `t + k - padding` with tap `k`: `sum over the batch and t of grad[t] * window[t + k - padding]`, in float32 at
+    least. `grad` `(B, T, ...)` and `window` `(B, L, ...)` broadcast in their trailing dimensions."""
+    grad, window = _wide(grad), _wide(window)
     seq_len, window_len = grad.shape[1], window.shape[1]
     taps = []
     for tap in range(kernel_size):
         shift = tap - padding
         first = max(0, -shift)
         last = max(first, min(seq_len, window_len - shift))  # outputs [first, last) read positions in the window
-        taps.append(torch.linalg.vecdot(grad[:, first:last], window[:, first + shift : last + shift], dim=1).sum(0))
+        with _autocast_off(grad.device):  # vecdot is a matrix product to autocast
+            products = torch.linalg.vecdot(grad[:, first:last], window[:, first + shift : last + shift], dim=1)
+        taps.append(products.sum(0))
     return torch.stack(taps)
 
 
@@ -531,13 +535,7 @@ class _FusedExpansion(torch.autograd.Function):
                 for channel in range(value_channels):
                     inputs.addcmul_(grad[:, :, channel], taps[tap, channel])
         if ctx.needs_input_grad[1]:
-            products = torch.empty_like(grad)
-            grad_taps = torch.stack(
-                [
-                    torch.mul(grad, window[:, tap : tap + seq_len, None, :], out=products).sum((0, 1))
-                    for tap in range(kernel_size)
-                ]
-            )  # (K, d_v, d)
+            grad_taps = _tap_gradients(grad, window.unsqueeze(2), kernel_size, padding=0)  # (K, d_v, d)
             grad_weight = grad_taps.permute(2, 1, 0).reshape(hidden * value_channels, 1, kernel_size)
             grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_window, grad_weight
