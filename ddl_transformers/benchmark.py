@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import transformers
+from transformers import Cache, DynamicCache, StaticCache
 
 from . import delta_ops
 from .modeling_ddl import DDLForCausalLM
@@ -72,6 +73,13 @@ class BenchmarkArguments:
     warmup: int = field(default=1, metadata={"help": "Untimed rounds over all presets before the timed ones."})
     repeats: int = field(default=5, metadata={"help": "Timed rounds; medians are reported."})
     compile: bool = field(default=False, metadata={"help": "Wrap every model in torch.compile."})
+    decode_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cache of the decode steps: dynamic (DynamicCache, the default) or static (StaticCache sized to "
+            "the prompt and the decode steps, the default with --compile: a compiled decode step needs fixed shapes)."
+        },
+    )
     implementation: str = field(
         default="fused",
         metadata={
@@ -94,6 +102,12 @@ class BenchmarkArguments:
 
     def __post_init__(self) -> None:
         self.presets = [name for item in self.presets for name in item.split(",") if name]  # "a,b" or "a b"
+        if self.decode_cache is None:
+            self.decode_cache = "static" if self.compile else "dynamic"
+        if self.decode_cache not in ("dynamic", "static"):
+            raise ValueError(
+                f"BenchmarkArguments: invalid decode_cache={self.decode_cache!r}; allowed values are dynamic, static."
+            )
         if self.timer not in ("wall", "process"):
             raise ValueError(f"BenchmarkArguments: invalid timer={self.timer!r}; allowed values are wall, process.")
         if self.autocast and self.dtype not in ("bfloat16", "float16"):
@@ -167,6 +181,8 @@ class _Runner:
         self.parameters = self.model.num_parameters()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.forward = torch.compile(self.model) if args.compile else self.model
+        # decode steps compiled apart with fixed shapes, the prompt's prefill eager: as `generate` does
+        self.decode_step = torch.compile(self.model, dynamic=False) if args.compile else self.model
         generator = torch.Generator().manual_seed(args.seed)
         vocab = self.model.config.vocab_size
         self.tokens = torch.randint(vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
@@ -195,20 +211,30 @@ class _Runner:
         with self.precision():
             self.forward(input_ids=self.tokens, use_cache=True, logits_to_keep=1)
 
+    def new_cache(self) -> Cache:
+        """An empty cache of the kind `--decode_cache` names, for one prompt and its decode steps."""
+        if self.args.decode_cache == "static":
+            length = self.args.prompt_len + self.args.decode_tokens
+            return StaticCache(config=self.model.config, max_cache_len=length)
+        return DynamicCache(config=self.model.config)
+
     @torch.inference_mode()
     def decode(self, batch: int) -> float:
-        """Seconds of `decode_tokens` greedy steps with the cache, after the prompt's prefill."""
+        """Seconds of `decode_tokens` greedy steps with the cache, after the prompt's prefill. Positions are passed,
+        as `generate` does, so that no step reads the cache's length."""
         self.model.eval()
+        cache, prompt_len = self.new_cache(), self.args.prompt_len
         with self.precision():
-            out = self.forward(input_ids=self.prompts[batch], use_cache=True, logits_to_keep=1)
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+            out = self.model(input_ids=self.prompts[batch], cache=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        positions = torch.arange(prompt_len, prompt_len + self.args.decode_tokens, device=self.args.device)
 
         def steps() -> None:
-            nonlocal cache, token
+            nonlocal token
             with self.precision():
-                for _ in range(self.args.decode_tokens):
-                    out = self.forward(input_ids=token, cache=cache, use_cache=True)
-                    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+                for position in positions.view(-1, 1, 1):
+                    out = self.decode_step(input_ids=token, cache=cache, use_cache=True, position_ids=position)
+                    token = out.logits[:, -1:].argmax(-1)
 
         return _timed(self.args, steps)
 
@@ -385,19 +411,23 @@ def run_benchmark(args: BenchmarkArguments, log: Callable[[str], None] | None = 
     runners = [_Runner(name, args) for name in presets]
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in presets}
     figures = len(runners[0].measurements())
-    for index in range(args.warmup + args.repeats):
-        results: dict[str, dict[str, Any]] = {runner.name: {"decode_tokens_per_s": {}} for runner in runners}
-        for figure in range(figures):  # each figure of every preset back to back: the pairs see the same load
-            for runner in runners:
-                metric, batch, value = runner.measure(figure)
-                if batch is None:
-                    results[runner.name][metric] = value
-                else:
-                    results[runner.name][metric][batch] = value
-        if index >= args.warmup:
-            for name, result in results.items():
-                rounds[name].append(result)
-        log(f"round {index + 1}/{args.warmup + args.repeats} done")
+    # every preset compiles its training step, prefill and each decode batch: room for all, so none falls back to eager
+    graphs = len(presets) * (2 + len(args.decode_batch_sizes))
+    room = torch._dynamo.config.patch(recompile_limit=max(8, 2 * graphs)) if args.compile else nullcontext()
+    with room:
+        for index in range(args.warmup + args.repeats):
+            results: dict[str, dict[str, Any]] = {runner.name: {"decode_tokens_per_s": {}} for runner in runners}
+            for figure in range(figures):  # each figure of every preset back to back: the pairs see the same load
+                for runner in runners:
+                    metric, batch, value = runner.measure(figure)
+                    if batch is None:
+                        results[runner.name][metric] = value
+                    else:
+                        results[runner.name][metric][batch] = value
+            if index >= args.warmup:
+                for name, result in results.items():
+                    rounds[name].append(result)
+            log(f"round {index + 1}/{args.warmup + args.repeats} done")
     parameters = {runner.name: runner.parameters for runner in runners}
     del runners, runner  # the loop variable still holds the last preset's model and optimiser state
     records = [{"preset": name, **_median_record(rounds[name]), "parameters": parameters[name]} for name in presets]

@@ -17,7 +17,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -356,6 +356,7 @@ class DDLPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": DDLDecoderLayer,
         "attentions": DDLAttention,
@@ -369,6 +370,30 @@ class DDLPreTrainedModel(PreTrainedModel):
             auto_map.setdefault("AutoModelForCausalLM", "modeling_ddl.DDLForCausalLM")
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @staticmethod
+    def create_masks_for_generate(
+        config: DDLConfig,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict[str, torch.Tensor | None]:
+        """The masks that `generate` builds once per step for a static cache: the attention mask ("full_attention")
+        and the 2D padding mask of the current tokens for the token convolutions ("linear_attention"; None for a
+        decoding step or an unpadded batch, as generated tokens are never padding)."""
+        mask_kwargs = {
+            "config": config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "position_ids": position_ids,
+        }
+        return {
+            "full_attention": create_causal_mask(**mask_kwargs),
+            "linear_attention": create_recurrent_attention_mask(**mask_kwargs),
+        }
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -467,17 +492,20 @@ class DDLModel(DDLPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
-        # 2D padding mask of the current tokens, for the token convolutions
-        token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            token_mask = attention_mask[:, -inputs_embeds.shape[1] :]
+        if isinstance(attention_mask, dict):  # built by `generate` for a static cache: see `create_masks_for_generate`
+            causal_mask, token_mask = attention_mask["full_attention"], attention_mask.get("linear_attention")
+        else:
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+            )
+            # 2D padding mask of the current tokens, for the token convolutions
+            token_mask = None
+            if attention_mask is not None and attention_mask.dim() == 2:
+                token_mask = attention_mask[:, -inputs_embeds.shape[1] :]
 
         state = self.initial_state(inputs_embeds, cache, token_mask)  # (B, T, d) or (B, T, d, d_v)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)

@@ -126,6 +126,8 @@ def undo_rewrite(out: torch.Tensor, state: torch.Tensor, direction: torch.Tensor
 
 def record_rewrite(new_state: torch.Tensor, state: torch.Tensor, direction: torch.Tensor, weights: torch.Tensor):
     """Called by the fused rewrite: `new_state = state + direction weights^T`, recorded if a tape is active."""
+    if torch.compiler.is_compiling():  # compiled code records no tape, and Dynamo cannot read a context variable
+        return
     tape = _active_tape.get()
     if tape is not None:
         tape.add_state(new_state, state, (direction.detach(), weights.detach()))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import DynamicCache, StaticCache
 
 from ddl_transformers import delta_ops
 from ddl_transformers.benchmark import (
@@ -164,3 +165,24 @@ def test_autocast_keeps_float32_weights_and_runs_in_bfloat16(tmp_path):
     for dtype in ("float32", "float64"):
         with pytest.raises(ValueError, match="--autocast needs --dtype bfloat16 or float16"):
             tiny_arguments(tmp_path, autocast=True, dtype=dtype)
+
+
+def test_static_decode_cache_gives_the_dynamic_caches_logits(tmp_path):
+    from ddl_transformers.benchmark import _Runner
+
+    assert BenchmarkArguments(compile=True).decode_cache == "static"
+    assert BenchmarkArguments().decode_cache == "dynamic"
+    with pytest.raises(ValueError, match="decode_cache"):
+        BenchmarkArguments(decode_cache="paged")
+    logits = {}
+    for kind, cache_class in (("dynamic", DynamicCache), ("static", StaticCache)):
+        runner = _Runner("ddl-tc", tiny_arguments(tmp_path, decode_cache=kind, memory=False))
+        assert isinstance(runner.new_cache(), cache_class)
+        steps = []
+        runner.model.lm_head.register_forward_hook(
+            lambda module, inputs, output, steps=steps: steps.append(output[:, -1])
+        )
+        runner.decode(2)
+        logits[kind] = torch.stack(steps)  # the prompt's last position, then every decode step
+    assert logits["static"].shape == (1 + runner.args.decode_tokens, 2, runner.model.config.vocab_size)
+    torch.testing.assert_close(logits["static"], logits["dynamic"], rtol=1e-5, atol=1e-5)

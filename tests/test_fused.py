@@ -232,7 +232,7 @@ def _compiled_logits_match(name: str, backend: str) -> None:
     expected.loss.backward()
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    out = torch.compile(model, backend=backend)(tokens, labels=tokens)
+    out = torch.compile(model, backend=backend, fullgraph=True)(tokens, labels=tokens)  # one graph: no break
     out.loss.backward()
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
     for param_name, param in model.named_parameters():

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ALL_PRESETS, TEST_VOCAB, perturbed_model, tiny_config
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+from torch._dynamo.utils import counters
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, CompileConfig, DynamicCache, StaticCache
 
 from ddl_transformers import DDLForCausalLM, DDLModel
 from ddl_transformers.modeling_ddl import DDLDeltaResidual
@@ -100,6 +101,42 @@ def test_left_padding_gives_the_same_tokens_and_logits(preset_name):
     torch.testing.assert_close(
         model(other_pad, attention_mask=mask).logits[0, 4:], padded_logits[0, 4:], rtol=1e-5, atol=1e-5
     )
+
+
+def test_static_cache_generates_like_the_dynamic_cache(preset_name):
+    # with a static cache `generate` builds the masks once per step and passes them as a dict
+    model = perturbed_model(preset_name)
+    batch = torch.cat([torch.cat([torch.full((1, 3), 7), random_tokens(1, 4, seed=2)], dim=1), random_tokens(1, 7)])
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    kwargs = {
+        "attention_mask": mask,
+        "max_new_tokens": 6,
+        "min_new_tokens": 6,
+        "do_sample": False,
+        "pad_token_id": PAD,
+    }
+    dynamic = model.generate(batch, **kwargs)
+    static = model.generate(batch, cache_implementation="static", return_dict_in_generate=True, **kwargs)
+    assert isinstance(static.cache, StaticCache)
+    assert torch.equal(static.sequences, dynamic)
+
+
+@pytest.mark.parametrize("name", ["ddl-scalar", "ddl-tc"])
+def test_compiled_generation_with_a_static_cache(name):
+    # what `generate` does on a GPU with a static cache: each decoding step one graph (no break), the same tokens
+    torch._dynamo.reset()
+    model = perturbed_model(name)
+    prompt = random_tokens(2, 6)
+    kwargs = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": PAD}
+    kwargs.update(return_dict_in_generate=True, output_logits=True)
+    eager = model.generate(prompt, **kwargs)
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, backend="aot_eager", mode=None)
+    compile_config._compile_all_devices = True  # `generate` compiles only on accelerators unless told
+    compiled = model.generate(prompt, cache_implementation="static", compile_config=compile_config, **kwargs)
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), rtol=1e-4, atol=1e-4)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(preset_name):
