@@ -122,11 +122,10 @@ def test_static_cache_generates_like_the_dynamic_cache(preset_name):
     assert torch.equal(static.sequences, dynamic)
 
 
-@pytest.mark.parametrize("name", ["ddl-scalar", "ddl-tc"])
-def test_compiled_generation_with_a_static_cache(name):
+def test_compiled_generation_with_a_static_cache(preset_name):
     # what `generate` does on a GPU with a static cache: each decoding step one graph (no break), the same tokens
     torch._dynamo.reset()
-    model = perturbed_model(name)
+    model = perturbed_model(preset_name)
     prompt = random_tokens(2, 6)
     kwargs = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": PAD}
     kwargs.update(return_dict_in_generate=True, output_logits=True)
