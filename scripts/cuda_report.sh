@@ -4,7 +4,9 @@
 # the GPU against the float64 reference; 2. the `small` size in bfloat16 at the benchmark's default shape (4 x 256
 # tokens per step), with rows for the Triton rewrite (`NAME@triton`); 3. 16 x 1024 tokens per step with float32
 # weights under bf16 autocast (Trainer's --bf16: float32 states, so the state tape is on). About 9 minutes on an H100
-# (a round of 4 presets takes 15-25 s: eager decoding of 2 x 32 tokens dominates).
+# (a round of 4 presets takes 15-25 s: eager decoding of 2 x 32 tokens dominates). 4. `compiled` (not in the default
+# STEPS, as it needs its own call: about 5 minutes): the same shape with --compile, decoding over a static cache.
+# STEPS="tests default large" (the default) picks the steps; e.g. STEPS=compiled bash scripts/cuda_report.sh OUT.
 # Each step has its own time limit, so one slow step leaves the others their results.
 set -uo pipefail
 PY=${PYTHON:-python3}
@@ -29,10 +31,16 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run; JSON under $out, log
     fi
 }
 
-echo "== tests/test_cuda.py tests/test_triton.py"
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton.py >"$out/cuda_tests.log" 2>&1
-echo "== exit $?"; tail -n 25 "$out/cuda_tests.log"
-bench default 200 --dtype bfloat16 --repeats 5 \
+steps=" ${STEPS:-tests default large} "
+if [[ $steps == *" tests "* ]]; then
+    echo "== tests/test_cuda.py tests/test_triton.py"
+    timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton.py >"$out/cuda_tests.log" 2>&1
+    echo "== exit $?"; tail -n 25 "$out/cuda_tests.log"
+fi
+[[ $steps == *" default "* ]] && bench default 200 --dtype bfloat16 --repeats 5 \
     --presets baseline ddl-scalar ddl-cc ddl-tc ddl-scalar@triton ddl-cc@triton
-bench large 250 --dtype bfloat16 --autocast --repeats 3 --seq_len 1024 --batch_size 16 \
+[[ $steps == *" large "* ]] && bench large 250 --dtype bfloat16 --autocast --repeats 3 --seq_len 1024 --batch_size 16 \
     --presets baseline ddl-scalar ddl-cc ddl-tc ddl-cc@triton
+[[ $steps == *" compiled "* ]] && bench compiled 420 --dtype bfloat16 --compile --repeats 5 --memory false \
+    --presets baseline ddl-scalar ddl-cc ddl-tc
+exit 0
