@@ -181,8 +181,11 @@ class _Runner:
         self.parameters = self.model.num_parameters()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.forward = torch.compile(self.model) if args.compile else self.model
-        # decode steps compiled apart with fixed shapes, the prompt's prefill eager: as `generate` does
-        self.decode_step = torch.compile(self.model, dynamic=False) if args.compile else self.model
+        # with a static cache, decode steps compiled apart with fixed shapes (the prompt's prefill eager), as `generate`
+        # does; a dynamic cache grows every step, so its steps need the model compiled with dynamic shapes
+        self.decode_step = self.forward
+        if args.compile and args.decode_cache == "static":
+            self.decode_step = torch.compile(self.model, dynamic=False)
         generator = torch.Generator().manual_seed(args.seed)
         vocab = self.model.config.vocab_size
         self.tokens = torch.randint(vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)

@@ -17,7 +17,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -135,6 +135,15 @@ class DDLAttention(nn.Module):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, d)
         return self.o_proj(attn_output), attn_weights
+
+
+def current_token_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """The padding mask `(B, T)` of the last `length` tokens of a 2D `attention_mask`, which the token convolutions
+    apply (None for no mask or a 4D one). Contiguous, so that its strides stay the same from one decoding step to the
+    next (no recompilation)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -length:].contiguous()
 
 
 class DDLCausalTokenConv(nn.Module):
@@ -381,18 +390,18 @@ class DDLPreTrainedModel(PreTrainedModel):
         **kwargs,
     ) -> dict[str, torch.Tensor | None]:
         """The masks that `generate` builds once per step for a static cache: the attention mask ("full_attention")
-        and the 2D padding mask of the current tokens for the token convolutions ("linear_attention"; None for a
-        decoding step or an unpadded batch, as generated tokens are never padding)."""
-        mask_kwargs = {
-            "config": config,
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": attention_mask,
-            "cache": cache,
-            "position_ids": position_ids,
-        }
+        and the padding mask of the current tokens for the token convolutions ("linear_attention"), as the forward
+        builds them from a 2D mask."""
+        causal_mask = create_causal_mask(
+            config=config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
         return {
-            "full_attention": create_causal_mask(**mask_kwargs),
-            "linear_attention": create_recurrent_attention_mask(**mask_kwargs),
+            "full_attention": causal_mask,
+            "linear_attention": current_token_mask(attention_mask, inputs_embeds.shape[1]),
         }
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -502,10 +511,7 @@ class DDLModel(DDLPreTrainedModel):
                 cache=cache,
                 position_ids=position_ids,
             )
-            # 2D padding mask of the current tokens, for the token convolutions
-            token_mask = None
-            if attention_mask is not None and attention_mask.dim() == 2:
-                token_mask = attention_mask[:, -inputs_embeds.shape[1] :]
+            token_mask = current_token_mask(attention_mask, inputs_embeds.shape[1])
 
         state = self.initial_state(inputs_embeds, cache, token_mask)  # (B, T, d) or (B, T, d, d_v)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)

@@ -186,3 +186,7 @@ def test_static_decode_cache_gives_the_dynamic_caches_logits(tmp_path):
         logits[kind] = torch.stack(steps)  # the prompt's last position, then every decode step
     assert logits["static"].shape == (1 + runner.args.decode_tokens, 2, runner.model.config.vocab_size)
     torch.testing.assert_close(logits["static"], logits["dynamic"], rtol=1e-5, atol=1e-5)
+    # compiled: fixed shapes for the static cache's decode steps; a growing dynamic cache keeps the dynamic-shape model
+    for kind in ("dynamic", "static"):
+        runner = _Runner("ddl-cc", tiny_arguments(tmp_path, compile=True, decode_cache=kind, memory=False))
+        assert (runner.decode_step is runner.forward) == (kind == "dynamic")

@@ -104,7 +104,8 @@ def test_left_padding_gives_the_same_tokens_and_logits(preset_name):
 
 
 def test_static_cache_generates_like_the_dynamic_cache(preset_name):
-    # with a static cache `generate` builds the masks once per step and passes them as a dict
+    # with a static cache `generate` builds the masks once per step and passes them as a dict; with one-token prefill
+    # chunks, the padded prompt tokens come one at a time and must still be masked
     model = perturbed_model(preset_name)
     batch = torch.cat([torch.cat([torch.full((1, 3), 7), random_tokens(1, 4, seed=2)], dim=1), random_tokens(1, 7)])
     mask = torch.ones_like(batch)
@@ -116,15 +117,19 @@ def test_static_cache_generates_like_the_dynamic_cache(preset_name):
         "do_sample": False,
         "pad_token_id": PAD,
     }
+    kwargs.update(return_dict_in_generate=True, output_logits=True)
     dynamic = model.generate(batch, **kwargs)
-    static = model.generate(batch, cache_implementation="static", return_dict_in_generate=True, **kwargs)
-    assert isinstance(static.cache, StaticCache)
-    assert torch.equal(static.sequences, dynamic)
+    for chunking in ({}, {"prefill_chunk_size": 1}):
+        static = model.generate(batch, cache_implementation="static", **chunking, **kwargs)
+        assert isinstance(static.cache, StaticCache)
+        assert torch.equal(static.sequences, dynamic.sequences), chunking
+        torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_generation_with_a_static_cache(preset_name):
     # what `generate` does on a GPU with a static cache: each decoding step one graph (no break), the same tokens
     torch._dynamo.reset()
+    counters.clear()
     model = perturbed_model(preset_name)
     prompt = random_tokens(2, 6)
     kwargs = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": PAD}
