@@ -389,9 +389,8 @@ class DDLPreTrainedModel(PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> dict[str, torch.Tensor | None]:
-        """The masks that `generate` builds once per step for a static cache: the attention mask ("full_attention")
-        and the padding mask of the current tokens for the token convolutions ("linear_attention"), as the forward
-        builds them from a 2D mask."""
+        """The attention mask ("full_attention") and the padding mask of the current tokens for the token convolutions
+        ("linear_attention"). The forward builds them; `generate` builds them once per step for a static cache."""
         causal_mask = create_causal_mask(
             config=config,
             inputs_embeds=inputs_embeds,
@@ -501,17 +500,10 @@ class DDLModel(DDLPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        if isinstance(attention_mask, dict):  # built by `generate` for a static cache: see `create_masks_for_generate`
-            causal_mask, token_mask = attention_mask["full_attention"], attention_mask.get("linear_attention")
-        else:
-            causal_mask = create_causal_mask(
-                config=self.config,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                cache=cache,
-                position_ids=position_ids,
-            )
-            token_mask = current_token_mask(attention_mask, inputs_embeds.shape[1])
+        masks = attention_mask  # `generate` with a static cache passes them already built
+        if not isinstance(masks, dict):
+            masks = self.create_masks_for_generate(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        causal_mask, token_mask = masks["full_attention"], masks.get("linear_attention")
 
         state = self.initial_state(inputs_embeds, cache, token_mask)  # (B, T, d) or (B, T, d, d_v)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
