@@ -328,9 +328,8 @@ def _fused_rewrite(
         return reference(state, direction, target, beta, eps)  # broadcasting shapes: rare, not worth a kernel
     needs_grad = state.requires_grad or direction.requires_grad or target.requires_grad or beta.requires_grad
     kernels, beta = _triton_kernels(state, direction), _wide(beta)
-    if not (
-        needs_grad and torch.is_grad_enabled()
-    ):  # decoding: the shortest path (autocast changes none of its dtypes)
+    # decoding: the shortest path (autocast changes none of its dtypes)
+    if not (needs_grad and torch.is_grad_enabled()):
         if kernels is not None:
             return kernels.rewrite_forward(state, direction, target, beta, eps, erase, save=False)[0]
         return _rewrite_without_grad(state, direction, target, beta, eps, erase)
@@ -461,13 +460,13 @@ def _tap_gradients(grad: torch.Tensor, window: torch.Tensor, kernel_size: int, p
     grad, window = _wide(grad), _wide(window)
     seq_len, window_len = grad.shape[1], window.shape[1]
     taps = []
-    for tap in range(kernel_size):
-        shift = tap - padding
-        first = max(0, -shift)
-        last = max(first, min(seq_len, window_len - shift))  # outputs [first, last) read positions in the window
-        with _autocast_off(grad.device):  # vecdot is a matrix product to autocast
+    with _autocast_off(grad.device):  # vecdot is a matrix product to autocast
+        for tap in range(kernel_size):
+            shift = tap - padding
+            first = max(0, -shift)
+            last = max(first, min(seq_len, window_len - shift))  # outputs [first, last) read positions in the window
             products = torch.linalg.vecdot(grad[:, first:last], window[:, first + shift : last + shift], dim=1)
-        taps.append(products.sum(0))
+            taps.append(products.sum(0))
     return torch.stack(taps)
 
 

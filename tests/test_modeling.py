@@ -103,6 +103,25 @@ def test_left_padding_gives_the_same_tokens_and_logits(preset_name):
     )
 
 
+def greedy_with_logits(model: DDLForCausalLM, tokens: torch.Tensor, new_tokens: int, **kwargs):
+    """`generate` of exactly `new_tokens` greedy tokens, returning the sequences and every step's logits."""
+    return model.generate(
+        tokens,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=PAD,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **kwargs,
+    )
+
+
+def assert_same_generation(got, expected, message=None) -> None:
+    assert torch.equal(got.sequences, expected.sequences), message
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
+
+
 def test_static_cache_generates_like_the_dynamic_cache(preset_name):
     # with a static cache `generate` builds the masks once per step and passes them as a dict; with one-token prefill
     # chunks, the padded prompt tokens come one at a time and must still be masked
@@ -110,20 +129,11 @@ def test_static_cache_generates_like_the_dynamic_cache(preset_name):
     batch = torch.cat([torch.cat([torch.full((1, 3), 7), random_tokens(1, 4, seed=2)], dim=1), random_tokens(1, 7)])
     mask = torch.ones_like(batch)
     mask[0, :3] = 0
-    kwargs = {
-        "attention_mask": mask,
-        "max_new_tokens": 6,
-        "min_new_tokens": 6,
-        "do_sample": False,
-        "pad_token_id": PAD,
-    }
-    kwargs.update(return_dict_in_generate=True, output_logits=True)
-    dynamic = model.generate(batch, **kwargs)
+    dynamic = greedy_with_logits(model, batch, 6, attention_mask=mask)
     for chunking in ({}, {"prefill_chunk_size": 1}):
-        static = model.generate(batch, cache_implementation="static", **chunking, **kwargs)
+        static = greedy_with_logits(model, batch, 6, attention_mask=mask, cache_implementation="static", **chunking)
         assert isinstance(static.cache, StaticCache)
-        assert torch.equal(static.sequences, dynamic.sequences), chunking
-        torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), rtol=1e-4, atol=1e-4)
+        assert_same_generation(static, dynamic, chunking)
 
 
 def test_compiled_generation_with_a_static_cache(preset_name):
@@ -132,15 +142,12 @@ def test_compiled_generation_with_a_static_cache(preset_name):
     counters.clear()
     model = perturbed_model(preset_name)
     prompt = random_tokens(2, 6)
-    kwargs = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": PAD}
-    kwargs.update(return_dict_in_generate=True, output_logits=True)
-    eager = model.generate(prompt, **kwargs)
+    eager = greedy_with_logits(model, prompt, 5)
     compile_config = CompileConfig(fullgraph=True, dynamic=False, backend="aot_eager", mode=None)
     compile_config._compile_all_devices = True  # `generate` compiles only on accelerators unless told
-    compiled = model.generate(prompt, cache_implementation="static", compile_config=compile_config, **kwargs)
+    compiled = greedy_with_logits(model, prompt, 5, cache_implementation="static", compile_config=compile_config)
     assert counters["stats"]["unique_graphs"] >= 1
-    assert torch.equal(compiled.sequences, eager.sequences)
-    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), rtol=1e-4, atol=1e-4)
+    assert_same_generation(compiled, eager)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(preset_name):
