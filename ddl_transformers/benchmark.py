@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import Cache, DynamicCache, StaticCache
+from torch._inductor import list_mode_options
+from transformers import Cache, CompileConfig, DynamicCache, StaticCache
 
 from . import delta_ops
 from .modeling_ddl import DDLForCausalLM
@@ -80,6 +81,13 @@ class BenchmarkArguments:
             "the prompt and the decode steps, the default with --compile: a compiled decode step needs fixed shapes)."
         },
     )
+    decode_compile_mode: str = field(
+        default=CompileConfig.mode,
+        metadata={
+            "help": "torch.compile mode of the static-cache decode steps with --compile; by default generate's "
+            f"({CompileConfig.mode}: CUDA graphs on a GPU, the default mode on the CPU)."
+        },
+    )
     implementation: str = field(
         default="fused",
         metadata={
@@ -107,6 +115,12 @@ class BenchmarkArguments:
         if self.decode_cache not in ("dynamic", "static"):
             raise ValueError(
                 f"BenchmarkArguments: invalid decode_cache={self.decode_cache!r}; allowed values are dynamic, static."
+            )
+        modes = ["default", *list_mode_options()]
+        if self.decode_compile_mode not in modes:
+            raise ValueError(
+                f"BenchmarkArguments: invalid decode_compile_mode={self.decode_compile_mode!r}; allowed values are "
+                f"{sorted(set(modes))}."
             )
         if self.timer not in ("wall", "process"):
             raise ValueError(f"BenchmarkArguments: invalid timer={self.timer!r}; allowed values are wall, process.")
@@ -185,7 +199,7 @@ class _Runner:
         # does; a dynamic cache grows every step, so its steps need the model compiled with dynamic shapes
         self.decode_step = self.forward
         if args.compile and args.decode_cache == "static":
-            self.decode_step = torch.compile(self.model, dynamic=False)
+            self.decode_step = torch.compile(self.model, dynamic=False, mode=args.decode_compile_mode)
         generator = torch.Generator().manual_seed(args.seed)
         vocab = self.model.config.vocab_size
         self.tokens = torch.randint(vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)

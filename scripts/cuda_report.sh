@@ -7,7 +7,8 @@
 # (a round of 4 presets takes 15-25 s: eager decoding of 2 x 32 tokens dominates). 4. `compiled` (not in the default
 # STEPS, as it needs its own call: about 5 minutes): the same shape with --compile, decoding over a static cache.
 # STEPS="tests default large" (the default) picks the steps; e.g. STEPS=compiled bash scripts/cuda_report.sh OUT.
-# Each step has its own time limit, so one slow step leaves the others their results.
+# Each step has its own time limit, so one slow step leaves the others their results; BUDGET=SECONDS caps the steps'
+# time together (a step gets what is left, and none starts with under 30 s), e.g. to fit every step in one call.
 set -uo pipefail
 PY=${PYTHON:-python3}
 out=${1:-outputs/cuda}
@@ -19,8 +20,16 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OF
 torch.cuda.get_device_name())" || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 
+budget_end=$((SECONDS + ${BUDGET:-86400}))
+limit() {  # limit SECONDS: the step's own limit, or the budget's time left if that is shorter; fails under 30 s
+    local left=$((budget_end - SECONDS))
+    ((left >= 30)) || { echo "== skipped: ${left}s of the budget left" | tee -a "$out/tables.md" >&2; return 1; }
+    echo $(($1 < left ? $1 : left))
+}
+
 bench() {  # bench NAME SECONDS ARGS...: one benchmark run; JSON under $out, log appended, table printed and kept
-    local name=$1 seconds=$2
+    local name=$1 seconds
+    seconds=$(limit "$2") || return 0
     shift 2
     echo "== benchmark $name: $*" | tee -a "$out/tables.md"
     timeout "$seconds" "$PY" scripts/benchmark.py --device cuda --size small --output "$out/bench_$name.json" \
@@ -32,9 +41,9 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run; JSON under $out, log
 }
 
 steps=" ${STEPS:-tests default large} "
-if [[ $steps == *" tests "* ]]; then
+if [[ $steps == *" tests "* ]] && seconds=$(limit 120); then
     echo "== tests/test_cuda.py tests/test_triton.py"
-    timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton.py >"$out/cuda_tests.log" 2>&1
+    timeout "$seconds" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton.py >"$out/cuda_tests.log" 2>&1
     echo "== exit $?"; tail -n 25 "$out/cuda_tests.log"
 fi
 [[ $steps == *" default "* ]] && bench default 200 --dtype bfloat16 --repeats 5 \

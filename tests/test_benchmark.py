@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import CompileConfig, DynamicCache, StaticCache
 
 from ddl_transformers import delta_ops
 from ddl_transformers.benchmark import (
@@ -190,3 +190,17 @@ def test_static_decode_cache_gives_the_dynamic_caches_logits(tmp_path):
     for kind in ("dynamic", "static"):
         runner = _Runner("ddl-cc", tiny_arguments(tmp_path, compile=True, decode_cache=kind, memory=False))
         assert (runner.decode_step is runner.forward) == (kind == "dynamic")
+
+
+def test_compiled_decode_steps_use_generates_compile_mode(tmp_path, monkeypatch):
+    from ddl_transformers.benchmark import _Runner
+
+    assert BenchmarkArguments().decode_compile_mode == CompileConfig().mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="invalid decode_compile_mode='fast'; allowed values are"):
+        BenchmarkArguments(decode_compile_mode="fast")
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compiled.append(options) or model)
+    for mode in ("reduce-overhead", "max-autotune-no-cudagraphs"):
+        compiled.clear()
+        _Runner("ddl-cc", tiny_arguments(tmp_path, compile=True, decode_compile_mode=mode, memory=False))
+        assert compiled == [{}, {"dynamic": False, "mode": mode}]  # the training and prefill model keeps its mode
