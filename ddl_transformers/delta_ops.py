@@ -31,7 +31,8 @@ _implementation = "fused"
 
 def set_implementation(name: str) -> None:
     """Choose the operators used by the model: `"fused"` (default), `"reference"`, or `"triton"` (the fused operators
-    with the rewrite as Triton kernels on CUDA tensors; needs Triton and the installed package)."""
+    with the rewrite and TC's token convolution as Triton kernels on CUDA tensors; needs Triton and the installed
+    package)."""
     global _implementation
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"Unknown DDL operator implementation {name!r}; allowed values are {IMPLEMENTATIONS}.")
@@ -61,17 +62,21 @@ def _triton_module() -> ModuleType | None:
         return None
 
 
-def _triton_kernels(state: torch.Tensor, direction: torch.Tensor) -> ModuleType | None:
-    """The Triton rewrite when chosen and it fits: a float32/bfloat16/float16 state on CUDA (any device while Triton
-    interprets), a token's state small enough for one program, and no `torch.compile` tracing (Inductor fuses the
-    eager operators itself; the kernels are opaque to it); else None."""
-    if _implementation != "triton" or torch.compiler.is_compiling() or state.dtype == torch.float64:
+def _triton_for(tensor: torch.Tensor) -> ModuleType | None:
+    """The Triton kernels when chosen and usable: a float32/bfloat16/float16 tensor on CUDA (any device while Triton
+    interprets), and no `torch.compile` tracing (Inductor fuses the eager operators itself; the kernels are opaque to
+    it); else None."""
+    if _implementation != "triton" or torch.compiler.is_compiling() or tensor.dtype == torch.float64:
         return None
     module = _triton_module()
-    if module is None or not (state.is_cuda or module.INTERPRETED):
-        return None
+    return module if module is not None and (tensor.is_cuda or module.INTERPRETED) else None
+
+
+def _triton_kernels(state: torch.Tensor, direction: torch.Tensor) -> ModuleType | None:
+    """The Triton rewrite when usable (`_triton_for`) and a token's state is small enough for one program."""
+    module = _triton_for(state)
     value_channels = 1 if state.dim() == direction.dim() else state.shape[-1]
-    return module if module.fits(direction.shape[-1], value_channels) else None
+    return module if module is not None and module.fits(direction.shape[-1], value_channels) else None
 
 
 def _autocast_off(device: torch.device) -> AbstractContextManager:
@@ -411,16 +416,25 @@ def _conv_operands(window: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Te
     return window.permute(0, 3, 1, 2), weight.permute(2, 0, 1).unsqueeze(1)
 
 
+def _conv_dtype(window: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of `window` returns: autocast's where it is on, else the window's."""
+    device = window.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else window.dtype
+
+
 class _FusedTokenConv(torch.autograd.Function):
     """`_token_conv` with a faster kernel gradient on the CPU: one token-axis dot product per tap instead of the
     convolution's own weight gradient (several times slower there). The window's gradient is the convolution's.
     The forward runs under autocast like any convolution; the backward runs in the inputs' dtypes (the kernel's
-    gradient in float32 at least)."""
+    gradient in float32 at least). `kernels`: the Triton module doing all of it (a float32 sum in the output dtype
+    a convolution would have), or None."""
 
     @staticmethod
-    def forward(ctx, window, weight, padding: int):
+    def forward(ctx, window, weight, padding: int, kernels: ModuleType | None):
         ctx.save_for_backward(window, weight)
-        ctx.padding = padding
+        ctx.padding, ctx.kernels = padding, kernels
+        if kernels is not None:
+            return kernels.token_conv_forward(window, weight, padding, _conv_dtype(window))
         return _token_conv(window, weight, padding)
 
     @staticmethod
@@ -428,6 +442,11 @@ class _FusedTokenConv(torch.autograd.Function):
     def backward(ctx, grad_out):
         window, weight = ctx.saved_tensors
         grad_window = grad_weight = None
+        if ctx.kernels is not None:
+            grad_window, grad_weight = ctx.kernels.token_conv_backward(
+                grad_out, window, weight, ctx.padding, ctx.needs_input_grad[:2]
+            )
+            return grad_window, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
         with _autocast_off(grad_out.device):
             if ctx.needs_input_grad[0]:
                 grad = grad_out.to(window.dtype)  # differs under autocast (a bfloat16 output of float32 inputs)
@@ -435,7 +454,7 @@ class _FusedTokenConv(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 taps = _tap_gradients(grad_out.unsqueeze(2), window, weight.shape[0], ctx.padding)  # (K, d_v, d)
                 grad_weight = taps.to(weight.dtype)
-        return grad_window, grad_weight, None
+        return grad_window, grad_weight, None, None
 
 
 def _token_conv_input_grad(grad_out: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, padding: int):
@@ -475,7 +494,8 @@ def fused_token_mix(
 ) -> torch.Tensor:
     """`token_mix` as one depthwise convolution with the read folded into its `K x d_v` kernel per feature (see
     `_token_conv`); causal zero padding is the convolution's own. On the CPU, training takes `_FusedTokenConv`'s
-    backward. One decoded token is a single multiply-and-sum over its window instead."""
+    backward; with the Triton implementation, the convolution and its backward are Triton kernels. One decoded token
+    is a single multiply-and-sum over its window instead."""
     kernel_size, hidden, value_channels = conv_weight.shape[-1], states.shape[-2], states.shape[-1]
     weight = conv_weight.view(hidden, value_channels, kernel_size).permute(2, 1, 0) * read.unsqueeze(-1)  # (K, d_v, d)
     weight = weight.to(states.dtype)
@@ -486,8 +506,11 @@ def fused_token_mix(
         if states.shape[1] == 1:
             return (window * weight).sum((1, 2)).unsqueeze(1)
     needs_grad = torch.is_grad_enabled() and (window.requires_grad or weight.requires_grad)
-    if needs_grad and window.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _FusedTokenConv.apply(window, weight, padding)
+    kernels = _triton_for(window)
+    if needs_grad and (kernels is not None or (window.device.type == "cpu" and not torch.compiler.is_compiling())):
+        return _FusedTokenConv.apply(window, weight, padding, kernels)
+    if kernels is not None:
+        return kernels.token_conv_forward(window, weight, padding, _conv_dtype(window))
     return _token_conv(window, weight, padding)
 
 

@@ -1,11 +1,14 @@
-"""The fused DDL rewrite as two Triton kernels (forward, backward): one program per token, one launch per call.
+"""The fused DDL rewrite as two Triton kernels (forward, backward): one program per token, one launch per call; and
+TC's token convolution as three (forward, the window's gradient, the kernel's gradient).
 
 Chosen by `delta_ops.set_implementation("triton")` for CUDA tensors (other devices keep the eager fused operators).
 The math and what is saved are those of `delta_ops._FusedRewrite`: for a token with state `X` (`d_v` channels of
 `d`), sublayer output `h`, target `v` and gate `beta`, `s = 1 / sqrt(||h||^2 + eps^2)`, `read = s h^T X`,
 `c = beta (v - read) s` and `X' = X + h c^T`. States are channel-major `(N, d_v, d)` rows (`d_v = 1` for the scalar
-state); the arithmetic is float32 whatever the storage dtype. Not part of the remote code: Triton is optional.
-With `TRITON_INTERPRET=1` set before Triton is first imported, the kernels run on CPU tensors (the tests use that).
+state); the arithmetic is float32 whatever the storage dtype. The token convolution is `delta_ops._token_conv`:
+output `t` of feature `i` is `sum over taps k and channels j of window[t + k - padding, j, i] * weight[k, j, i]`.
+Not part of the remote code: Triton is optional. With `TRITON_INTERPRET=1` set before Triton is first imported, the
+kernels run on CPU tensors (the tests use that).
 """
 
 import os
@@ -178,3 +181,135 @@ def rewrite_backward(
                 hidden, value_channels, ERASE=erase, **_launch_shape(hidden, value_channels),
             )  # fmt: skip
     return grad_state, grad_h, grad_target, grad_beta
+
+
+@triton.jit
+def _token_conv_forward_kernel(
+    window_ptr, weight_ptr, out_ptr,
+    window_len, seq_len, hidden, padding,
+    KERNEL: tl.constexpr, CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    batch = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d < hidden
+    mixed = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for tap in tl.static_range(KERNEL):
+        position = t + tap - padding  # the window position that output t reads with this tap
+        rows = (batch * window_len + position) * CHANNELS
+        tile_in = ((position >= 0) & (position < window_len) & (t < seq_len))[:, None] & d_in[None, :]
+        for channel in tl.static_range(CHANNELS):
+            weight = tl.load(weight_ptr + (tap * CHANNELS + channel) * hidden + d, mask=d_in, other=0.0)
+            window = tl.load(window_ptr + (rows + channel)[:, None] * hidden + d[None, :], mask=tile_in, other=0.0)
+            mixed += window.to(tl.float32) * weight.to(tl.float32)[None, :]
+    out_in = (t < seq_len)[:, None] & d_in[None, :]
+    tl.store(
+        out_ptr + (batch * seq_len + t)[:, None] * hidden + d[None, :], mixed.to(out_ptr.dtype.element_ty), out_in
+    )
+
+
+@triton.jit
+def _token_conv_window_grad_kernel(
+    grad_ptr, weight_ptr, grad_window_ptr,
+    window_len, seq_len, hidden, padding,
+    KERNEL: tl.constexpr, CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    batch = tl.program_id(0).to(tl.int64)
+    position = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # window positions
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d < hidden
+    for channel in tl.static_range(CHANNELS):
+        grad_window = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for tap in tl.static_range(KERNEL):
+            t = position - tap + padding  # the output that reads this position with this tap
+            tile_in = ((t >= 0) & (t < seq_len))[:, None] & d_in[None, :]
+            grad = tl.load(grad_ptr + (batch * seq_len + t)[:, None] * hidden + d[None, :], mask=tile_in, other=0.0)
+            weight = tl.load(weight_ptr + (tap * CHANNELS + channel) * hidden + d, mask=d_in, other=0.0)
+            grad_window += grad.to(tl.float32) * weight.to(tl.float32)[None, :]
+        rows = (batch * window_len + position) * CHANNELS + channel
+        tl.store(
+            grad_window_ptr + rows[:, None] * hidden + d[None, :],
+            grad_window.to(grad_window_ptr.dtype.element_ty),
+            (position < window_len)[:, None] & d_in[None, :],
+        )
+
+
+@triton.jit
+def _token_conv_weight_grad_kernel(
+    grad_ptr, window_ptr, partial_ptr,
+    window_len, seq_len, hidden, padding,
+    KERNEL: tl.constexpr, CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    batch = tl.program_id(0).to(tl.int64)
+    block = batch * tl.num_programs(1) + tl.program_id(1)  # this program's row of partial sums
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d < hidden
+    grad_in = (t < seq_len)[:, None] & d_in[None, :]
+    grad = tl.load(grad_ptr + (batch * seq_len + t)[:, None] * hidden + d[None, :], mask=grad_in, other=0.0)
+    grad = grad.to(tl.float32)
+    for tap in tl.static_range(KERNEL):
+        position = t + tap - padding
+        rows = (batch * window_len + position) * CHANNELS
+        tile_in = grad_in & ((position >= 0) & (position < window_len))[:, None]
+        for channel in tl.static_range(CHANNELS):
+            window = tl.load(window_ptr + (rows + channel)[:, None] * hidden + d[None, :], mask=tile_in, other=0.0)
+            partial = tl.sum(grad * window.to(tl.float32), axis=0)  # (BLOCK_D,)
+            tl.store(partial_ptr + ((block * KERNEL + tap) * CHANNELS + channel) * hidden + d, partial, mask=d_in)
+
+
+def _conv_launch(batch: int, length: int, hidden: int) -> tuple[tuple[int, int, int], dict[str, int]]:
+    """The grid over (batch, blocks of `length` tokens, blocks of features) and the block sizes."""
+    block_t, block_d = 32, min(128, triton.next_power_of_2(hidden))
+    grid = (batch, triton.cdiv(length, block_t), triton.cdiv(hidden, block_d))
+    return grid, {"BLOCK_T": block_t, "BLOCK_D": block_d, "num_warps": 4}
+
+
+def token_conv_forward(
+    window: torch.Tensor, weight: torch.Tensor, padding: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """`delta_ops._token_conv` in one launch, accumulated in float32: the channel-major window `(B, L, d_v, d)` and
+    taps `weight` `(K, d_v, d)` give `(B, T, d)` in `out_dtype`, `T = L + padding - K + 1` (`padding` zero tokens
+    before the window)."""
+    window, weight = window.contiguous(), weight.contiguous()
+    batch, window_len, channels, hidden = window.shape
+    kernel_size = weight.shape[0]
+    seq_len = window_len + padding - kernel_size + 1
+    out = torch.empty(batch, seq_len, hidden, device=window.device, dtype=out_dtype)
+    if out.numel():
+        grid, blocks = _conv_launch(batch, seq_len, hidden)
+        with _on_device(window):
+            _token_conv_forward_kernel[grid](
+                window, weight, out, window_len, seq_len, hidden, padding,
+                KERNEL=kernel_size, CHANNELS=channels, **blocks,
+            )  # fmt: skip
+    return out
+
+
+def token_conv_backward(
+    grad_out: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, padding: int, needs_grad: tuple[bool, bool]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of `token_conv_forward`'s window (in its dtype, contiguous) and taps (float32), each None where
+    `needs_grad` says so; the taps' gradient sums float32 partial sums, one per block of tokens."""
+    grad_out, window, weight = grad_out.contiguous(), window.contiguous(), weight.contiguous()
+    batch, window_len, channels, hidden = window.shape
+    kernel_size, seq_len = weight.shape[0], grad_out.shape[1]
+    grad_window = grad_weight = None
+    scalars = (window_len, seq_len, hidden, padding)
+    with _on_device(window):
+        if needs_grad[0]:
+            grad_window = torch.empty_like(window)
+            if window.numel():
+                grid, blocks = _conv_launch(batch, window_len, hidden)
+                _token_conv_window_grad_kernel[grid](
+                    grad_out, weight, grad_window, *scalars, KERNEL=kernel_size, CHANNELS=channels, **blocks
+                )
+        if needs_grad[1]:
+            grid, blocks = _conv_launch(batch, seq_len, hidden)
+            partial = torch.zeros(grid[0] * grid[1], kernel_size, channels, hidden, device=window.device)
+            if grad_out.numel():
+                _token_conv_weight_grad_kernel[grid](
+                    grad_out, window, partial, *scalars, KERNEL=kernel_size, CHANNELS=channels, **blocks
+                )
+            grad_weight = partial.sum(0)
+    return grad_window, grad_weight

@@ -2,7 +2,7 @@
 # The CUDA checks and GPU benchmark tables in one command: bash scripts/cuda_report.sh [OUTPUT_DIR]
 # 1. tests/test_cuda.py and tests/test_triton.py: fused operators, Triton rewrite, state tape and cached decoding on
 # the GPU against the float64 reference; 2. the `small` size in bfloat16 at the benchmark's default shape (4 x 256
-# tokens per step), with rows for the Triton rewrite (`NAME@triton`); 3. 16 x 1024 tokens per step with float32
+# tokens per step), with rows for the Triton kernels (`NAME@triton`); 3. 16 x 1024 tokens per step with float32
 # weights under bf16 autocast (Trainer's --bf16: float32 states, so the state tape is on). About 9 minutes on an H100
 # (a round of 4 presets takes 15-25 s: eager decoding of 2 x 32 tokens dominates). 4. `compiled` (not in the default
 # STEPS, as it needs its own call: about 5 minutes): the same shape with --compile, decoding over a static cache.
@@ -47,9 +47,9 @@ if [[ $steps == *" tests "* ]] && seconds=$(limit 120); then
     echo "== exit $?"; tail -n 25 "$out/cuda_tests.log"
 fi
 [[ $steps == *" default "* ]] && bench default 200 --dtype bfloat16 --repeats 5 \
-    --presets baseline ddl-scalar ddl-cc ddl-tc ddl-scalar@triton ddl-cc@triton
+    --presets baseline ddl-scalar ddl-cc ddl-tc ddl-scalar@triton ddl-cc@triton ddl-tc@triton
 [[ $steps == *" large "* ]] && bench large 250 --dtype bfloat16 --autocast --repeats 3 --seq_len 1024 --batch_size 16 \
-    --presets baseline ddl-scalar ddl-cc ddl-tc ddl-cc@triton
+    --presets baseline ddl-scalar ddl-cc ddl-tc ddl-cc@triton ddl-tc@triton
 [[ $steps == *" compiled "* ]] && bench compiled 420 --dtype bfloat16 --compile --repeats 5 --memory false \
     --presets baseline ddl-scalar ddl-cc ddl-tc
 exit 0

@@ -16,7 +16,9 @@ from ddl_transformers import DDLModel, delta_ops, state_tape  # noqa: E402
 from ddl_transformers.delta_ops import (  # noqa: E402
     delta_update,
     fused_delta_update,
+    fused_token_mix,
     fused_write_only_update,
+    token_mix,
     write_only_update,
 )
 
@@ -81,22 +83,79 @@ def test_triton_handles_any_input_layout_and_a_zero_direction(triton_operators):
     torch.testing.assert_close(fused_delta_update(state, zero, target, beta), state)
 
 
+def token_mix_inputs(seq_len: int, hidden: int, history: bool) -> list[torch.Tensor]:
+    """float64 states `(2, T, d, 4)`, a `K = 4` convolution weight, the read and, if asked, the states before them."""
+    generator = torch.Generator().manual_seed(seq_len + hidden)
+    inputs = [
+        torch.randn(2, seq_len, hidden, 4, generator=generator, dtype=torch.float64),
+        torch.randn(hidden * 4, 1, 4, generator=generator, dtype=torch.float64),
+        torch.randn(4, generator=generator, dtype=torch.float64),
+    ]
+    if history:
+        inputs.append(torch.randn(2, 3, hidden, 4, generator=generator, dtype=torch.float64))
+    return inputs
+
+
+@pytest.mark.parametrize("history", [False, True])
+@pytest.mark.parametrize("seq_len, hidden", [(2, 10), (9, 24), (40, 130)])  # shorter than K; several blocks each way
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_token_convolution_matches_the_float64_reference(
+    seq_len, hidden, history, dtype, triton_operators, kernel_calls
+):
+    wide = [t.requires_grad_() for t in token_mix_inputs(seq_len, hidden, history)]
+    low = [  # the convolution weight and the read stay float32, as the model's parameters
+        t.detach().to(DEVICE, torch.float32 if i in (1, 2) else dtype).requires_grad_() for i, t in enumerate(wide)
+    ]
+    expected, got = token_mix(*wide), fused_token_mix(*low)
+    assert got.dtype == dtype and got.shape == expected.shape
+    grad_out = torch.randn(expected.shape, dtype=torch.float64)
+    expected_grads = torch.autograd.grad(expected, wide, grad_out)
+    grads = torch.autograd.grad(got, low, grad_out.to(DEVICE, dtype))
+    assert (kernel_calls["token_conv_forward"], kernel_calls["token_conv_backward"]) == (1, 1)
+    assert relative_error(got, expected.detach()) < MAX_ERROR[dtype]
+    for grad, expected_grad, tensor in zip(grads, expected_grads, low):
+        assert grad.dtype == tensor.dtype
+        assert relative_error(grad, expected_grad) < MAX_ERROR[dtype] * 2
+    with torch.no_grad():  # prefill: the forward kernel alone
+        assert relative_error(fused_token_mix(*low), expected.detach()) < MAX_ERROR[dtype]
+    assert kernel_calls["token_conv_forward"] == 2
+
+
+def test_triton_token_convolution_under_autocast(triton_operators, kernel_calls):
+    # as a convolution under autocast: the output in autocast's dtype, here summed in float32 from float32 states
+    wide = [t.requires_grad_() for t in token_mix_inputs(9, 24, history=False)]
+    low = [t.detach().float().to(DEVICE).requires_grad_() for t in wide]
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        got = fused_token_mix(*low)
+        delta_ops.set_implementation("fused")
+        assert got.dtype == fused_token_mix(*low).dtype == torch.bfloat16
+    expected = token_mix(*wide)
+    assert relative_error(got, expected.detach()) < MAX_ERROR[torch.bfloat16]
+    grads = torch.autograd.grad(got.float().sum(), low)
+    assert kernel_calls["token_conv_backward"] == 1
+    for grad, expected_grad in zip(grads, torch.autograd.grad(expected.sum(), wide)):
+        assert grad.dtype == torch.float32
+        assert relative_error(grad, expected_grad) < MAX_ERROR[torch.bfloat16]
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the Triton launches (forward, backward), so a test knows the kernels ran rather than the fallback."""
-    module, calls = delta_ops._triton_module(), {"forward": 0, "backward": 0}
+    """Counts the calls of the Triton module (the rewrite's forward and backward, the token convolution's), so a
+    test knows the kernels ran rather than the fallback."""
+    module = delta_ops._triton_module()
+    calls = dict.fromkeys(["rewrite_forward", "rewrite_backward", "token_conv_forward", "token_conv_backward"], 0)
     for name in calls:
-        original = getattr(module, f"rewrite_{name}")
+        original = getattr(module, name)
 
         def counted(*args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(module, f"rewrite_{name}", counted)
+        monkeypatch.setattr(module, name, counted)
     return calls
 
 
-@pytest.mark.parametrize("name", ["ddl-scalar", "ddl-cc", "write-only"])
+@pytest.mark.parametrize("name", ["ddl-scalar", "ddl-cc", "ddl-tc", "write-only"])
 def test_triton_model_matches_the_fused_model(name, kernel_calls):
     # the state tape undoes the Triton rewrites too: same logits and gradients as the eager fused operators
     model = perturbed_model(name, num_hidden_layers=2).to(DEVICE).train()
@@ -108,8 +167,14 @@ def test_triton_model_matches_the_fused_model(name, kernel_calls):
         logits, grads = logits_and_grads(model, tokens)
     finally:
         delta_ops.set_implementation("fused")
-    layers = model.config.num_hidden_layers
-    assert kernel_calls == {"forward": 2 * layers, "backward": 2 * layers}, "every rewrite ran as the Triton kernels"
+    sublayers = 2 * model.config.num_hidden_layers
+    convolutions = sublayers if model.config.state_compressor == "token" else 0
+    assert kernel_calls == {
+        "rewrite_forward": sublayers,
+        "rewrite_backward": sublayers,
+        "token_conv_forward": convolutions,
+        "token_conv_backward": convolutions,
+    }, "every rewrite and token convolution ran as the Triton kernels"
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
     for grad, expected in zip(grads.values(), expected_grads.values()):
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
@@ -142,7 +207,7 @@ def test_triton_states_are_rebuilt_by_the_state_tape(name, triton_operators, ker
     fused_tokens = sum(isinstance(packed, state_tape._StateToken) for packed in saved)
     assert triton_tokens == fused_tokens > 0, "the Triton rewrite's saved input state is a token, as the eager one's"
     rebuilt = gradients(loss)
-    assert kernel_calls["backward"] == 2 * 2 * model.config.num_hidden_layers
+    assert kernel_calls["rewrite_backward"] == 2 * 2 * model.config.num_hidden_layers
     for grad, expected_grad in zip(rebuilt, expected):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5 * max(expected_grad.abs().max(), 1.0))
 
@@ -157,7 +222,9 @@ def test_triton_cached_decoding_matches_the_full_forward(triton_operators, kerne
         for index in range(5, 8):
             out = model(tokens[:, index : index + 1], cache=out.cache, use_cache=True)
             steps.append(out.logits)
-    assert kernel_calls["forward"] == 5 * 2 * model.config.num_hidden_layers
+    assert kernel_calls["rewrite_forward"] == 5 * 2 * model.config.num_hidden_layers
+    # the full forward's and the prompt's convolutions; a decoded token's is one multiply-and-sum over its window
+    assert kernel_calls["token_conv_forward"] == 2 * 2 * model.config.num_hidden_layers
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -195,9 +262,9 @@ def test_triton_implementation_under_torch_compile(triton_operators, kernel_call
     model = perturbed_model("ddl-cc", num_hidden_layers=1).to(DEVICE).train()
     tokens = torch.randint(3, TEST_VOCAB, (2, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     expected = model(tokens, labels=tokens).logits
-    kernel_calls["forward"] = 0
+    kernel_calls["rewrite_forward"] = 0
     logits = torch.compile(model, backend="aot_eager")(tokens, labels=tokens).logits
-    assert kernel_calls["forward"] == 0
+    assert kernel_calls["rewrite_forward"] == 0
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
