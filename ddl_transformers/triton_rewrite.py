@@ -290,7 +290,8 @@ def token_conv_backward(
     grad_out: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, padding: int, needs_grad: tuple[bool, bool]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The gradients of `token_conv_forward`'s window (in its dtype, contiguous) and taps (float32), each None where
-    `needs_grad` says so; the taps' gradient sums float32 partial sums, one per block of tokens."""
+    `needs_grad` says so; the taps' gradient sums float32 partial sums, one per block of 32 tokens (every element of
+    the buffer is written: `K / 32` of a float32 window)."""
     grad_out, window, weight = grad_out.contiguous(), window.contiguous(), weight.contiguous()
     batch, window_len, channels, hidden = window.shape
     kernel_size, seq_len = weight.shape[0], grad_out.shape[1]
@@ -306,7 +307,7 @@ def token_conv_backward(
                 )
         if needs_grad[1]:
             grid, blocks = _conv_launch(batch, seq_len, hidden)
-            partial = torch.zeros(grid[0] * grid[1], kernel_size, channels, hidden, device=window.device)
+            partial = torch.empty(grid[0] * grid[1], kernel_size, channels, hidden, device=window.device)
             if grad_out.numel():
                 _token_conv_weight_grad_kernel[grid](
                     grad_out, window, partial, *scalars, KERNEL=kernel_size, CHANNELS=channels, **blocks

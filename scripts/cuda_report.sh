@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The CUDA checks and GPU benchmark tables in one command: bash scripts/cuda_report.sh [OUTPUT_DIR]
-# 1. tests/test_cuda.py and tests/test_triton.py: fused operators, Triton rewrite, state tape and cached decoding on
-# the GPU against the float64 reference; 2. the `small` size in bfloat16 at the benchmark's default shape (4 x 256
-# tokens per step), with rows for the Triton kernels (`NAME@triton`); 3. 16 x 1024 tokens per step with float32
-# weights under bf16 autocast (Trainer's --bf16: float32 states, so the state tape is on). About 9 minutes on an H100
-# (a round of 4 presets takes 15-25 s: eager decoding of 2 x 32 tokens dominates). 4. `compiled` (not in the default
-# STEPS, as it needs its own call: about 5 minutes): the same shape with --compile, decoding over a static cache.
+# 1. tests/test_cuda.py and tests/test_triton.py: fused operators, Triton kernels, state tape and cached decoding on
+# the GPU against the float64 reference (34 s on an H100 in session 6); 2. the `small` size in bfloat16 at the
+# benchmark's default shape (4 x 256 tokens per step), with rows for the Triton kernels (`NAME@triton`); 3. 16 x 1024
+# tokens per step with float32 weights under bf16 autocast (Trainer's --bf16: float32 states, so the state tape is
+# on). 4. `compiled` (not in the default STEPS; it needs a call of its own, as its warm-up round compiles every
+# graph: in session 6 it had not finished that round when a 540 s budget ran out): the default shape with --compile,
+# decoding over a static cache with CUDA graphs. Each step prints the seconds elapsed when it starts.
 # STEPS="tests default large" (the default) picks the steps; e.g. STEPS=compiled bash scripts/cuda_report.sh OUT.
 # Each step has its own time limit, so one slow step leaves the others their results; BUDGET=SECONDS caps the steps'
 # time together (a step gets what is left, and none starts with under 30 s), e.g. to fit every step in one call.
@@ -31,7 +32,7 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run; JSON under $out, log
     local name=$1 seconds
     seconds=$(limit "$2") || return 0
     shift 2
-    echo "== benchmark $name: $*" | tee -a "$out/tables.md"
+    echo "== benchmark $name (${SECONDS}s in, ${seconds}s limit): $*" | tee -a "$out/tables.md"
     timeout "$seconds" "$PY" scripts/benchmark.py --device cuda --size small --output "$out/bench_$name.json" \
         --markdown "$out/table.tmp" "$@" >>"$out/benchmark.log" 2>&1 \
         || echo "== stopped (exit $?); timings so far in benchmark.log" | tee -a "$out/tables.md"
@@ -42,7 +43,7 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run; JSON under $out, log
 
 steps=" ${STEPS:-tests default large} "
 if [[ $steps == *" tests "* ]] && seconds=$(limit 120); then
-    echo "== tests/test_cuda.py tests/test_triton.py"
+    echo "== tests/test_cuda.py tests/test_triton.py (${SECONDS}s in, ${seconds}s limit)"
     timeout "$seconds" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton.py >"$out/cuda_tests.log" 2>&1
     echo "== exit $?"; tail -n 25 "$out/cuda_tests.log"
 fi
@@ -52,4 +53,5 @@ fi
     --presets baseline ddl-scalar ddl-cc ddl-tc ddl-cc@triton ddl-tc@triton
 [[ $steps == *" compiled "* ]] && bench compiled 420 --dtype bfloat16 --compile --repeats 5 --memory false \
     --presets baseline ddl-scalar ddl-cc ddl-tc
+echo "== done (${SECONDS}s)"
 exit 0

@@ -83,26 +83,31 @@ def test_triton_handles_any_input_layout_and_a_zero_direction(triton_operators):
     torch.testing.assert_close(fused_delta_update(state, zero, target, beta), state)
 
 
-def token_mix_inputs(seq_len: int, hidden: int, history: bool) -> list[torch.Tensor]:
-    """float64 states `(2, T, d, 4)`, a `K = 4` convolution weight, the read and, if asked, the states before them."""
+def token_mix_inputs(seq_len: int, hidden: int, history: bool, kernel_size: int = 4, value_channels: int = 4):
+    """float64 states `(2, T, d, d_v)`, a convolution weight of `kernel_size` taps, the read and, if asked, the
+    states before them."""
     generator = torch.Generator().manual_seed(seq_len + hidden)
     inputs = [
-        torch.randn(2, seq_len, hidden, 4, generator=generator, dtype=torch.float64),
-        torch.randn(hidden * 4, 1, 4, generator=generator, dtype=torch.float64),
-        torch.randn(4, generator=generator, dtype=torch.float64),
+        torch.randn(2, seq_len, hidden, value_channels, generator=generator, dtype=torch.float64),
+        torch.randn(hidden * value_channels, 1, kernel_size, generator=generator, dtype=torch.float64),
+        torch.randn(value_channels, generator=generator, dtype=torch.float64),
     ]
     if history:
-        inputs.append(torch.randn(2, 3, hidden, 4, generator=generator, dtype=torch.float64))
+        inputs.append(
+            torch.randn(2, kernel_size - 1, hidden, value_channels, generator=generator, dtype=torch.float64)
+        )
     return inputs
 
 
 @pytest.mark.parametrize("history", [False, True])
 @pytest.mark.parametrize("seq_len, hidden", [(2, 10), (9, 24), (40, 130)])  # shorter than K; several blocks each way
+@pytest.mark.parametrize("kernel_size, value_channels", [(2, 3), (3, 2), (4, 4)])  # taps and channels told apart
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_token_convolution_matches_the_float64_reference(
-    seq_len, hidden, history, dtype, triton_operators, kernel_calls
+    seq_len, hidden, history, kernel_size, value_channels, dtype, triton_operators, kernel_calls
 ):
-    wide = [t.requires_grad_() for t in token_mix_inputs(seq_len, hidden, history)]
+    wide = token_mix_inputs(seq_len, hidden, history, kernel_size, value_channels)
+    wide = [t.requires_grad_() for t in wide]
     low = [  # the convolution weight and the read stay float32, as the model's parameters
         t.detach().to(DEVICE, torch.float32 if i in (1, 2) else dtype).requires_grad_() for i, t in enumerate(wide)
     ]
@@ -116,6 +121,10 @@ def test_triton_token_convolution_matches_the_float64_reference(
     for grad, expected_grad, tensor in zip(grads, expected_grads, low):
         assert grad.dtype == tensor.dtype
         assert relative_error(grad, expected_grad) < MAX_ERROR[dtype] * 2
+    if dtype == torch.float32:  # element by element too: one wrong element hides in a whole-tensor error
+        torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-4, atol=1e-4)
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # prefill: the forward kernel alone
         assert relative_error(fused_token_mix(*low), expected.detach()) < MAX_ERROR[dtype]
     assert kernel_calls["token_conv_forward"] == 2
