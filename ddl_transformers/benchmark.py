@@ -275,15 +275,20 @@ class _Runner:
         with self.operators():
             return metric, batch, measure()
 
-    @contextmanager
-    def operators(self) -> Iterator[None]:
+    def operators(self) -> AbstractContextManager:
         """This preset's operator implementation while the block runs."""
-        previous = delta_ops.get_implementation()
-        delta_ops.set_implementation(self.implementation)
-        try:
-            yield
-        finally:
-            delta_ops.set_implementation(previous)
+        return using_implementation(self.implementation)
+
+
+@contextmanager
+def using_implementation(name: str) -> Iterator[None]:
+    """`delta_ops.set_implementation(name)` while the block runs, then the previous implementation again."""
+    previous = delta_ops.get_implementation()
+    delta_ops.set_implementation(name)
+    try:
+        yield
+    finally:
+        delta_ops.set_implementation(previous)
 
 
 def _median_record(rounds: list[dict[str, Any]]) -> dict[str, Any]:

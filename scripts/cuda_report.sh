@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The CUDA checks and GPU benchmark tables in one command: bash scripts/cuda_report.sh [OUTPUT_DIR]
-# 1. tests/test_cuda.py and tests/test_triton.py: fused operators, Triton kernels, state tape and cached decoding on
-# the GPU against the float64 reference (34 s on an H100 in session 6); 2. the `small` size in bfloat16 at the
-# benchmark's default shape (4 x 256 tokens per step), with rows for the Triton kernels (`NAME@triton`); 3. 16 x 1024
-# tokens per step with float32 weights under bf16 autocast (Trainer's --bf16: float32 states, so the state tape is
-# on). 4. `compiled` (not in the default STEPS; it needs a call of its own, as its warm-up round compiles every
-# graph: in session 6 it had not finished that round when a 540 s budget ran out; it now compiles 9 graphs, not 16):
-# the default shape with --compile, batch-1 decoding over a static cache with CUDA graphs, no TC (Inductor leaves its
-# convolution to cuDNN). Each step prints the seconds elapsed when it starts.
-# STEPS="tests default large" (the default) picks the steps; e.g. STEPS=compiled bash scripts/cuda_report.sh OUT.
+# Steps (STEPS="tests operators default large" by default; e.g. STEPS=compiled bash scripts/cuda_report.sh OUT):
+# - tests: tests/test_cuda.py and tests/test_triton.py, the fused operators, Triton kernels, state tape and cached
+#   decoding on the GPU against the float64 reference (34 s on an H100 in session 6);
+# - operators: the rewrite and the token convolution alone, per implementation, against the bytes they must move
+#   (scripts/benchmark_operators.py at 16 x 1024 tokens of width 768, bfloat16 and float32);
+# - default: the `small` size in bfloat16 at the benchmark's default shape (4 x 256 tokens per step), with rows for
+#   the Triton kernels (`NAME@triton`);
+# - large: 16 x 1024 tokens per step, float32 weights under bf16 autocast (Trainer's --bf16: float32 states, so the
+#   state tape is on);
+# - compiled (not in the default; it needs a call of its own, as its warm-up round compiles every graph: in session 6
+#   it had not finished that round when a 540 s budget ran out; it now compiles 9 graphs, not 16): the default shape
+#   with --compile, batch-1 decoding over a static cache with CUDA graphs, no TC (Inductor leaves its convolution to
+#   cuDNN).
+# Each step prints the seconds elapsed when it starts.
 # Each step has its own time limit, so one slow step leaves the others their results; BUDGET=SECONDS caps the steps'
 # time together (a step gets what is left, and none starts with under 30 s), e.g. to fit every step in one call.
 set -uo pipefail
@@ -42,11 +47,19 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run; JSON under $out, log
     fi
 }
 
-steps=" ${STEPS:-tests default large} "
+steps=" ${STEPS:-tests operators default large} "
 if [[ $steps == *" tests "* ]] && seconds=$(limit 120); then
     echo "== tests/test_cuda.py tests/test_triton.py (${SECONDS}s in, ${seconds}s limit)"
     timeout "$seconds" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton.py >"$out/cuda_tests.log" 2>&1
     echo "== exit $?"; tail -n 25 "$out/cuda_tests.log"
+fi
+if [[ $steps == *" operators "* ]] && seconds=$(limit 120); then
+    for dtype in bfloat16 float32; do  # the operators alone at the large shape, against the bytes they must move
+        echo "== operators, $dtype (${SECONDS}s in)" | tee -a "$out/tables.md"
+        timeout "$seconds" "$PY" scripts/benchmark_operators.py --device cuda --dtype "$dtype" --batch_size 16 \
+            --seq_len 1024 --hidden_size 768 --output "$out/operators_$dtype.json" 2>>"$out/benchmark.log" \
+            | tee -a "$out/tables.md"
+    done
 fi
 [[ $steps == *" default "* ]] && bench default 200 --dtype bfloat16 --repeats 5 \
     --presets baseline ddl-scalar ddl-cc ddl-tc ddl-scalar@triton ddl-cc@triton ddl-tc@triton

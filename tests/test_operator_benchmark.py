@@ -1,0 +1,84 @@
+"""The operator benchmark (`scripts/benchmark_operators.py`): checked before timed, complete records, clear errors.
+Timings are never asserted; on the CPU the Triton kernels run in Triton's interpreter (conftest.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddl_transformers import delta_ops
+from ddl_transformers.operator_benchmark import (
+    OperatorBenchmarkArguments,
+    run_operator_benchmark,
+    write_operator_report,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"batch_size": 2, "seq_len": 5, "hidden_size": 12, "value_channels": 3, "kernel_size": 2, "repeats": 1}
+
+
+def test_every_operator_is_checked_and_timed_in_every_implementation(tmp_path):
+    args = OperatorBenchmarkArguments(
+        **TINY, implementations=["fused", "reference", "triton"], output=str(tmp_path / "o.json")
+    )
+    report = run_operator_benchmark(args)
+    rows = {(r["operator"], r["implementation"], r["pass"]) for r in report["results"]}
+    operators = {"rewrite, scalar state", "rewrite, expanded state", "token convolution"}
+    expected_triton = delta_ops._triton_module() is not None  # the interpreter runs the kernels on the CPU here
+    implementations = {"fused", "reference"} | ({"triton"} if expected_triton else set())
+    assert rows == {(o, i, p) for o in operators for i in implementations for p in ("forward", "forward_backward")}
+    tokens, hidden, channels = 2 * 5, 12, 3
+    for record in report["results"]:
+        assert record["ms"] > 0 and record["relative_error"] < 1e-5
+        assert record["gb_per_s"] == pytest.approx(record["floor_bytes"] / record["ms"] / 1e6)
+    floors = {(r["operator"], r["pass"]): r["floor_bytes"] for r in report["results"]}
+    state, out = tokens * hidden * channels * 4, tokens * hidden * 4  # float32 bytes
+    assert floors[("token convolution", "forward")] == state + out
+    assert floors[("rewrite, expanded state", "forward_backward")] == 5 * state + 3 * out
+    assert floors[("rewrite, scalar state", "forward")] == 3 * out  # X and h in, X' out, each (B, T, d)
+    table = write_operator_report(report, args)
+    assert table.count("\n| ") == len(report["results"])  # one row per record under the header
+    assert json.loads((tmp_path / "o.json").read_text())["results"] == report["results"]
+
+
+def test_a_wrong_operator_is_not_timed(monkeypatch):
+    def wrong_token_mix(states, conv_weight, read, history=None):
+        return delta_ops.fused_token_mix(states, conv_weight, read, history) * 1.01
+
+    monkeypatch.setattr(delta_ops, "token_mix_function", lambda: wrong_token_mix)
+    with pytest.raises(RuntimeError, match=r"token convolution \(fused, float32, cpu\) differs from the float64"):
+        run_operator_benchmark(OperatorBenchmarkArguments(**TINY, implementations=["fused"]))
+
+
+def test_triton_is_skipped_where_its_kernels_do_not_run(monkeypatch):
+    monkeypatch.setattr(delta_ops, "_triton_module", lambda: None)
+    report = run_operator_benchmark(OperatorBenchmarkArguments(**TINY, implementations=["triton"]))
+    assert report["results"] == [] and report["skipped"] == [
+        "triton: its kernels do not run here (cpu, or Triton is missing)"
+    ]
+
+
+def test_bad_arguments_are_refused_clearly():
+    with pytest.raises(ValueError, match=r"invalid implementations=\['cuda'\]"):
+        OperatorBenchmarkArguments(implementations=["cuda"])
+    with pytest.raises(ValueError, match="dtype='float64'"):
+        OperatorBenchmarkArguments(dtype="float64")
+    with pytest.raises(ValueError, match="at least 1"):
+        OperatorBenchmarkArguments(seq_len=0)
+
+
+def test_the_script_prints_the_table(tmp_path):
+    argv = [f"--{key}={value}" for key, value in TINY.items()] + ["--implementations", "fused", "--dtype", "bfloat16"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/benchmark_operators.py"), *argv, "--output", str(tmp_path / "o.json")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert "| token convolution | fused | forward + backward |" in result.stdout
+    report = json.loads((tmp_path / "o.json").read_text())
+    assert report["settings"]["dtype"] == "bfloat16" and len(report["results"]) == 6
+    assert all(0 < r["relative_error"] < 2e-2 for r in report["results"])  # bfloat16: rounded, but close
