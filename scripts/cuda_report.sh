@@ -18,6 +18,12 @@
 # time together (a step gets what is left, and none starts with under 30 s), e.g. to fit every step in one call.
 set -uo pipefail
 PY=${PYTHON:-python3}
+[[ ${BUDGET:-86400} =~ ^[0-9]+$ ]] || { echo "BUDGET must be whole seconds, e.g. BUDGET=540" >&2; exit 2; }
+steps=" ${STEPS:-tests operators default large} "
+for step in $steps; do
+    [[ " tests operators default large compiled " == *" $step "* ]] \
+        || { echo "unknown step '$step' in STEPS; the steps are: tests operators default large compiled" >&2; exit 2; }
+done
 out=${1:-outputs/cuda}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute, before moving to the repository root
@@ -47,19 +53,24 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run; JSON under $out, log
     fi
 }
 
-steps=" ${STEPS:-tests operators default large} "
+operators() {  # operators DTYPE: the operators alone at the large shape, against the bytes they must move
+    local dtype=$1 seconds
+    seconds=$(limit 120) || return 0
+    echo "== operators, $dtype (${SECONDS}s in, ${seconds}s limit)" | tee -a "$out/tables.md"
+    timeout "$seconds" "$PY" scripts/benchmark_operators.py --device cuda --dtype "$dtype" --batch_size 16 \
+        --seq_len 1024 --hidden_size 768 --output "$out/operators_$dtype.json" >"$out/table.tmp" \
+        2>>"$out/benchmark.log" || echo "== stopped (exit $?); the error is in benchmark.log" | tee -a "$out/tables.md"
+    tee -a "$out/tables.md" <"$out/table.tmp" && rm "$out/table.tmp"
+}
+
 if [[ $steps == *" tests "* ]] && seconds=$(limit 120); then
     echo "== tests/test_cuda.py tests/test_triton.py (${SECONDS}s in, ${seconds}s limit)"
     timeout "$seconds" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton.py >"$out/cuda_tests.log" 2>&1
     echo "== exit $?"; tail -n 25 "$out/cuda_tests.log"
 fi
-if [[ $steps == *" operators "* ]] && seconds=$(limit 120); then
-    for dtype in bfloat16 float32; do  # the operators alone at the large shape, against the bytes they must move
-        echo "== operators, $dtype (${SECONDS}s in)" | tee -a "$out/tables.md"
-        timeout "$seconds" "$PY" scripts/benchmark_operators.py --device cuda --dtype "$dtype" --batch_size 16 \
-            --seq_len 1024 --hidden_size 768 --output "$out/operators_$dtype.json" 2>>"$out/benchmark.log" \
-            | tee -a "$out/tables.md"
-    done
+if [[ $steps == *" operators "* ]]; then
+    operators bfloat16
+    operators float32
 fi
 [[ $steps == *" default "* ]] && bench default 200 --dtype bfloat16 --repeats 5 \
     --presets baseline ddl-scalar ddl-cc ddl-tc ddl-scalar@triton ddl-cc@triton ddl-tc@triton

@@ -7,10 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ddl_transformers import delta_ops
+from ddl_transformers.benchmark import using_implementation
 from ddl_transformers.operator_benchmark import (
     OperatorBenchmarkArguments,
+    _cases,
+    _device_inputs,
     run_operator_benchmark,
     write_operator_report,
 )
@@ -43,13 +47,75 @@ def test_every_operator_is_checked_and_timed_in_every_implementation(tmp_path):
     assert json.loads((tmp_path / "o.json").read_text())["results"] == report["results"]
 
 
-def test_a_wrong_operator_is_not_timed(monkeypatch):
+def test_inputs_are_laid_out_as_in_the_model_and_floors_scale_with_the_dtype():
+    args = OperatorBenchmarkArguments(**TINY, dtype="bfloat16")
+    scalar, expanded, convolution = _cases(args)
+    state, direction, target, gate = _device_inputs(expanded, args, requires_grad=False)
+    assert state.shape == (2, 5, 12, 3) and state.transpose(-1, -2).is_contiguous(), "channel-major expanded state"
+    assert (state.dtype, direction.dtype, target.dtype, gate.dtype) == (torch.bfloat16,) * 2 + (torch.float32,) * 2
+    states, conv_weight, read = _device_inputs(convolution, args, requires_grad=False)
+    assert states.transpose(-1, -2).is_contiguous() and (conv_weight.dtype, read.dtype) == (torch.float32,) * 2
+    tokens, hidden, channels = 2 * 5, 12, 3
+    state, out = tokens * hidden * channels * 2, tokens * hidden * 2  # bfloat16 bytes
+    assert convolution.floor_bytes(2) == {"forward": state + out, "forward_backward": 3 * state + 2 * out}
+    assert scalar.floor_bytes(2) == {"forward": 3 * out, "forward_backward": 8 * out}
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """The identity, with a gradient 1% too large: a backward-only error."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1.01
+
+
+@pytest.mark.parametrize(
+    "wrong, part",
+    [
+        (lambda out: out * 1.01, "output without autograd"),
+        (lambda out: out * float("nan"), "output without autograd"),
+        (_ScaledGradient.apply, "gradient of input 0"),
+    ],
+)
+def test_a_wrong_operator_is_not_timed(wrong, part, monkeypatch):
     def wrong_token_mix(states, conv_weight, read, history=None):
-        return delta_ops.fused_token_mix(states, conv_weight, read, history) * 1.01
+        return wrong(delta_ops.fused_token_mix(states, conv_weight, read, history))
 
     monkeypatch.setattr(delta_ops, "token_mix_function", lambda: wrong_token_mix)
-    with pytest.raises(RuntimeError, match=r"token convolution \(fused, float32, cpu\) differs from the float64"):
+    message = rf"token convolution \(fused, float32, cpu\): its {part} differs from the float64 reference by"
+    with pytest.raises(RuntimeError, match=message):
         run_operator_benchmark(OperatorBenchmarkArguments(**TINY, implementations=["fused"]))
+    assert delta_ops.get_implementation() == "fused"
+
+
+def test_using_implementation_restores_the_previous_one_after_an_error():
+    with pytest.raises(KeyError), using_implementation("reference"):
+        assert delta_ops.get_implementation() == "reference"
+        raise KeyError("inside")
+    assert delta_ops.get_implementation() == "fused"
+
+
+@pytest.mark.skipif(delta_ops._triton_module() is None, reason="needs Triton (its interpreter on the CPU)")
+def test_triton_rows_run_the_kernels_or_say_they_do_not(monkeypatch):
+    module, calls = delta_ops._triton_module(), []
+    for name in ("rewrite_forward", "rewrite_backward", "token_conv_forward", "token_conv_backward"):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    args = OperatorBenchmarkArguments(**TINY, implementations=["triton"])
+    report = run_operator_benchmark(args)
+    assert len(report["results"]) == 6 and report["skipped"] == []
+    assert {"rewrite_forward", "rewrite_backward", "token_conv_forward", "token_conv_backward"} == set(calls)
+    monkeypatch.setattr(module, "fits", lambda hidden, value_channels: False)  # a state too large for one program
+    report = run_operator_benchmark(args)
+    assert {r["operator"] for r in report["results"]} == {"token convolution"}
+    assert report["skipped"] == [
+        f"triton, rewrite, {kind} state: the kernels do not take this size (it runs the fused code)"
+        for kind in ("scalar", "expanded")
+    ]
 
 
 def test_triton_is_skipped_where_its_kernels_do_not_run(monkeypatch):
