@@ -163,11 +163,14 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(args: BenchmarkArguments, fn: Callable[[], Any]) -> float:
-    """Seconds of `fn()`, with Python's garbage collector run before and paused during it (as `timeit` does), so
-    that a collection triggered by one preset's objects is not charged to another."""
+def _timed(args: BenchmarkArguments, fn: Callable[[], Any], collect: bool = True) -> float:
+    """Seconds of `fn()`, with Python's garbage collector run before (unless `collect` is False) and paused during it
+    (as `timeit` does), so that a collection triggered by one preset's objects is not charged to another. A collection
+    leaves the caches cold, which a sub-millisecond operator would pay several times over: the operator benchmark
+    passes `collect=False`."""
     clock = time.process_time if args.timer == "process" else time.perf_counter
-    gc.collect()
+    if collect:
+        gc.collect()
     gc.disable()
     try:
         _synchronize(args.device)

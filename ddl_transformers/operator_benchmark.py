@@ -180,7 +180,7 @@ def _checked_error(case: _Case, args: OperatorBenchmarkArguments, reference: tup
 def _median_seconds(args: OperatorBenchmarkArguments, run: Callable[[], Any]) -> float:
     for _ in range(2):  # warm-up: kernel compilation, allocator
         run()
-    return statistics.median(_timed(args, run) for _ in range(args.repeats))
+    return statistics.median(_timed(args, run, collect=False) for _ in range(args.repeats))
 
 
 def _time_case(case: _Case, args: OperatorBenchmarkArguments) -> dict[str, float]:

@@ -204,3 +204,17 @@ def test_compiled_decode_steps_use_generates_compile_mode(tmp_path, monkeypatch)
         compiled.clear()
         _Runner("ddl-cc", tiny_arguments(tmp_path, compile=True, decode_compile_mode=mode, memory=False))
         assert compiled == [{}, {"dynamic": False, "mode": mode}]  # the training and prefill model keeps its mode
+
+
+def test_timed_collects_garbage_first_only_when_asked(monkeypatch):
+    import gc
+
+    from ddl_transformers import benchmark
+
+    collections = []
+    monkeypatch.setattr(benchmark.gc, "collect", lambda: collections.append(gc.isenabled()))
+    seconds = benchmark._timed(BenchmarkArguments(), lambda: collections.append(gc.isenabled()))
+    assert collections == [True, False] and gc.isenabled() and seconds >= 0  # collected, then paused while timed
+    collections.clear()
+    benchmark._timed(BenchmarkArguments(), lambda: None, collect=False)
+    assert collections == [] and gc.isenabled()
