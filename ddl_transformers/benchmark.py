@@ -116,11 +116,11 @@ class BenchmarkArguments:
             raise ValueError(
                 f"BenchmarkArguments: invalid decode_cache={self.decode_cache!r}; allowed values are dynamic, static."
             )
-        modes = ["default", *list_mode_options()]
+        modes = sorted(list_mode_options())  # "default" among them
         if self.decode_compile_mode not in modes:
             raise ValueError(
                 f"BenchmarkArguments: invalid decode_compile_mode={self.decode_compile_mode!r}; allowed values are "
-                f"{sorted(set(modes))}."
+                f"{modes}."
             )
         if self.timer not in ("wall", "process"):
             raise ValueError(f"BenchmarkArguments: invalid timer={self.timer!r}; allowed values are wall, process.")

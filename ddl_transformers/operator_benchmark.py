@@ -144,20 +144,22 @@ def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double().cpu() - expected).norm() / expected.norm()).item()
 
 
-def _reference(case: _Case, args: OperatorBenchmarkArguments) -> tuple[torch.Tensor, ...]:
-    """The float64 reference on the very inputs the device gets (rounded to the storage dtype, so that only the
+def _reference(case: _Case, inputs: list[torch.Tensor], args: OperatorBenchmarkArguments) -> tuple[torch.Tensor, ...]:
+    """The float64 reference on the very `inputs` the device gets (rounded to the storage dtype, so that only the
     operator's own error counts): the output gradient drawn, the output and every input's gradient."""
-    wide = [t.detach().double().cpu().requires_grad_() for t in _device_inputs(case, args, requires_grad=False)]
+    wide = [t.detach().double().cpu().requires_grad_() for t in inputs]
     expected = case.reference(*wide)
     grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
     return grad_out, expected.detach(), *torch.autograd.grad(expected, wide, grad_out)
 
 
-def _checked_error(case: _Case, args: OperatorBenchmarkArguments, reference: tuple[torch.Tensor, ...]) -> float:
+def _checked_error(
+    case: _Case, inputs: list[torch.Tensor], reference: tuple[torch.Tensor, ...], args: OperatorBenchmarkArguments
+) -> float:
     """The largest relative error, `||got - expected|| / ||expected||`, against the float64 reference: of the output
     without and with autograd, and of every input's gradient. One over `MAX_ERROR` (or not finite) stops the run: a
-    wrong operator is not timed. `reference`: `_reference(case, args)`."""
-    operator, inputs = case.select(), _device_inputs(case, args, requires_grad=True)
+    wrong operator is not timed. `inputs`: `_device_inputs` with gradients; `reference`: `_reference` of them."""
+    operator = case.select()
     grad_out, expected, *expected_grads = reference
     with torch.no_grad():
         errors = {"output without autograd": _relative_error(operator(*inputs), expected)}
@@ -183,9 +185,9 @@ def _median_seconds(args: OperatorBenchmarkArguments, run: Callable[[], Any]) ->
     return statistics.median(_timed(args, run, collect=False) for _ in range(args.repeats))
 
 
-def _time_case(case: _Case, args: OperatorBenchmarkArguments) -> dict[str, float]:
-    """Median seconds of each pass."""
-    operator, inputs = case.select(), _device_inputs(case, args, requires_grad=True)
+def _time_case(case: _Case, inputs: list[torch.Tensor], args: OperatorBenchmarkArguments) -> dict[str, float]:
+    """Median seconds of each pass on `inputs` (`_device_inputs` with gradients)."""
+    operator = case.select()
     grad = torch.randn_like(operator(*inputs).detach())
 
     def forward() -> None:
@@ -211,19 +213,20 @@ def run_operator_benchmark(args: OperatorBenchmarkArguments) -> dict[str, Any]:
     and pass."""
     element_size = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
     records, skipped, cases, references = [], [], _cases(args), {}
+    inputs = {case.name: _device_inputs(case, args, requires_grad=True) for case in cases}  # shared by every pass
     for implementation in args.implementations:
         if implementation == "triton" and not _triton_runs_here(args):
             skipped.append(f"triton: its kernels do not run here ({args.device}, or Triton is missing)")
             continue
         with using_implementation(implementation):
             for case in cases:
-                if implementation == "triton" and not case.triton_applies(_device_inputs(case, args, False)):
+                if implementation == "triton" and not case.triton_applies(inputs[case.name]):
                     skipped.append(f"triton, {case.name}: the kernels do not take this size (it runs the fused code)")
                     continue
                 if case.name not in references:  # the same rounded inputs for every implementation
-                    references[case.name] = _reference(case, args)
-                error = _checked_error(case, args, references[case.name])
-                seconds, floor = _time_case(case, args), case.floor_bytes(element_size)
+                    references[case.name] = _reference(case, inputs[case.name], args)
+                error = _checked_error(case, inputs[case.name], references[case.name], args)
+                seconds, floor = _time_case(case, inputs[case.name], args), case.floor_bytes(element_size)
                 for name in PASSES:
                     records.append(
                         {
