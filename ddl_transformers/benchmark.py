@@ -89,10 +89,11 @@ class BenchmarkArguments:
         },
     )
     implementation: str = field(
-        default="fused",
+        default=delta_ops.DEFAULT_IMPLEMENTATION,
         metadata={
-            "help": "DDL operators: fused (default), reference (the plain autograd code) or triton (the fused ones "
-            "with the rewrite as Triton kernels on CUDA)."
+            "help": "DDL operators: native (default: the fused ones, with C kernels for the rewrite and CC's read "
+            "without autograd on float32 CPU tensors), fused (PyTorch only), reference (the plain autograd code) or "
+            "triton (the fused ones with the rewrite as Triton kernels on CUDA)."
         },
     )
     memory: bool = field(default=True, metadata={"help": "Measure the peak memory of a training step."})
@@ -182,7 +183,7 @@ def _timed(args: BenchmarkArguments, fn: Callable[[], Any], collect: bool = True
         gc.enable()
 
 
-def split_variant(name: str, default_implementation: str = "fused") -> tuple[str, str]:
+def split_variant(name: str, default_implementation: str = delta_ops.DEFAULT_IMPLEMENTATION) -> tuple[str, str]:
     """`"ddl-cc@reference"` -> `("ddl-cc", "reference")`; a plain preset name runs the default implementation."""
     preset, _, implementation = name.partition("@")
     return preset, implementation or default_implementation

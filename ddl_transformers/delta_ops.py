@@ -15,6 +15,7 @@ that chooses; `set_implementation("reference")` forces the reference (tests comp
 
 import functools
 import importlib
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
@@ -25,14 +26,16 @@ from torch.autograd.function import once_differentiable
 
 from .state_tape import record_rewrite
 
-IMPLEMENTATIONS = ("fused", "reference", "triton")
-_implementation = "fused"
+IMPLEMENTATIONS = ("native", "fused", "reference", "triton")
+DEFAULT_IMPLEMENTATION = "native"
+_implementation = DEFAULT_IMPLEMENTATION
 
 
 def set_implementation(name: str) -> None:
-    """Choose the operators used by the model: `"fused"` (default), `"reference"`, or `"triton"` (the fused operators
-    with the rewrite and TC's token convolution as Triton kernels on CUDA tensors; needs Triton and the installed
-    package)."""
+    """Choose the operators used by the model: `"native"` (default: the fused operators, with the rewrite without
+    autograd as a C kernel on float32 CPU tensors, see `cpu_kernels.py`; the fused operators where that kernel cannot
+    be built), `"fused"` (PyTorch operators only), `"reference"`, or `"triton"` (the fused operators with the rewrite
+    and TC's token convolution as Triton kernels on CUDA tensors; needs Triton and the installed package)."""
     global _implementation
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"Unknown DDL operator implementation {name!r}; allowed values are {IMPLEMENTATIONS}.")
@@ -70,6 +73,30 @@ def _triton_for(tensor: torch.Tensor) -> ModuleType | None:
         return None
     module = _triton_module()
     return module if module is not None and (tensor.is_cuda or module.INTERPRETED) else None
+
+
+@functools.cache
+def _native_module() -> ModuleType | None:
+    """`cpu_kernels` with its library loaded, or None (with a warning) where it cannot be built or imported (in remote
+    code the module is missing: no warning there)."""
+    try:
+        module = importlib.import_module(f"{__package__}.cpu_kernels")
+    except ImportError:
+        return None
+    try:
+        module.load()
+    except module.KernelBuildError as error:
+        warnings.warn(f"{error} Using the fused PyTorch operators instead.", RuntimeWarning, stacklevel=2)
+        return None
+    return module
+
+
+def _native_for(tensor: torch.Tensor) -> ModuleType | None:
+    """The C kernels when chosen and usable: a CPU tensor outside `torch.compile` and TorchScript tracing (neither
+    can see into a C call); else None."""
+    if _implementation != "native" or not tensor.is_cpu or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    return _native_module()
 
 
 def _triton_kernels(state: torch.Tensor, direction: torch.Tensor) -> ModuleType | None:
@@ -323,6 +350,45 @@ class _FusedRewrite(torch.autograd.Function):
         return grad_state, grad_direction, grad_target, grad_beta
 
 
+def projected_rewrite(
+    state: torch.Tensor,
+    direction: torch.Tensor,
+    context: torch.Tensor,
+    value_proj: torch.nn.Linear,
+    gate_proj: torch.nn.Linear,
+    eps: float,
+    erase: bool,
+    value_scale: float | None,
+) -> torch.Tensor | None:
+    """The rewrite with its target `value_proj(c)` (then `value_scale * sigmoid`, unless None) and gate
+    `2 sigmoid(gate_proj(c))` computed in the same C call (`cpu_kernels.projected_rewrite`), or None where that does
+    not apply: another implementation than native, autograd needed, `torch.compile` tracing, other dtypes or devices.
+    Decoding a token then costs one call per sublayer instead of about fifteen PyTorch operations."""
+    if torch.is_grad_enabled() and _needs_grad(state, direction, context, value_proj, gate_proj):
+        return None
+    native = _native_for(state)
+    if native is None or torch.is_autocast_enabled("cpu"):  # autocast would make the projections bfloat16
+        return None
+    return native.projected_rewrite(
+        state,
+        direction,
+        context,
+        value_proj.weight,
+        value_proj.bias,
+        gate_proj.weight,
+        gate_proj.bias,
+        eps,
+        erase,
+        value_scale,
+    )
+
+
+def _needs_grad(*items: torch.Tensor | torch.nn.Module) -> bool:
+    """Whether any tensor, or any parameter of a module, requires a gradient."""
+    tensors = (p for item in items for p in (item.parameters() if isinstance(item, torch.nn.Module) else (item,)))
+    return any(t.requires_grad for t in tensors)
+
+
 def _fused_rewrite(
     state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float, erase: bool
 ) -> torch.Tensor:
@@ -337,6 +403,10 @@ def _fused_rewrite(
     if not (needs_grad and torch.is_grad_enabled()):
         if kernels is not None:
             return kernels.rewrite_forward(state, direction, target, beta, eps, erase, save=False)[0]
+        native = _native_for(state)
+        new_state = None if native is None else native.rewrite(state, direction, target, beta, eps, erase)
+        if new_state is not None:
+            return new_state
         return _rewrite_without_grad(state, direction, target, beta, eps, erase)
     new_state, coef = _FusedRewrite.apply(state, direction, target, beta, eps, erase, kernels)
     record_rewrite(new_state, state, direction, coef.view(*lead, coef.shape[-1]))  # -1: ambiguous if empty
@@ -394,6 +464,10 @@ def fused_channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     instead: there, every extra operation costs more than the pass over the state."""
     if torch.is_grad_enabled() and (state.requires_grad or weight.requires_grad):
         return _FusedChannelMix.apply(state, weight)
+    native = _native_for(state)
+    mixed = None if native is None else native.channel_mix(state, weight)
+    if mixed is not None:
+        return mixed
     weight = _cast(weight, state.dtype)
     if state.numel() > 64 * weight.numel():
         return _mix_channels(state, weight)
@@ -580,6 +654,7 @@ def fused_expand_embeddings(window: torch.Tensor, conv_weight: torch.Tensor) -> 
 
 _REWRITES = {
     "fused": {"delta": fused_delta_update, "write_only": fused_write_only_update},
+    "native": {"delta": fused_delta_update, "write_only": fused_write_only_update},  # they choose the kernels
     "triton": {"delta": fused_delta_update, "write_only": fused_write_only_update},  # they choose the kernels
     "reference": {"delta": delta_update, "write_only": write_only_update},
 }
@@ -606,6 +681,7 @@ def token_mix_function() -> Callable[..., torch.Tensor]:
 
 
 __all__ = [
+    "DEFAULT_IMPLEMENTATION",
     "IMPLEMENTATIONS",
     "channel_major",
     "channel_mix",
@@ -619,6 +695,7 @@ __all__ = [
     "fused_token_mix",
     "fused_write_only_update",
     "get_implementation",
+    "projected_rewrite",
     "rewrite_function",
     "set_implementation",
     "token_mix",

@@ -41,6 +41,7 @@ from .delta_ops import (
     channel_mix_function,
     expansion_function,
     get_implementation,
+    projected_rewrite,
     rewrite_function,
     token_mix_function,
 )
@@ -230,6 +231,11 @@ class DDLEmbeddingExpansion(nn.Module):
         return expansion_function()(window, self.token_conv.weight)  # (B, T, d, d_v)
 
 
+def _is_plain(module: nn.Module, cls: type) -> bool:
+    """Whether `module` is exactly a `cls` (not wrapped, e.g. by an adapter) without forward hooks."""
+    return type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)
+
+
 class DDLGateProjection(nn.Linear):
     """The gate's output layer `g`; its bias starts at `logit(beta_init / 2)` (see `_init_weights`)."""
 
@@ -281,7 +287,7 @@ class DDLDeltaResidual(nn.Module):
         """A plain value projection (`nn.Linear` without hooks) runs as one `F.linear` on the widened context, without
         a module call; a wrapped one (e.g. a LoRA adapter) or a hooked one is called as a module on `context`."""
         value_proj = self.value_proj
-        if type(value_proj) is nn.Linear and not (value_proj._forward_hooks or value_proj._forward_pre_hooks):
+        if _is_plain(value_proj, nn.Linear):
             bias = None if value_proj.bias is None else _cast(value_proj.bias, wide_context.dtype)
             value = F.linear(wide_context, _cast(value_proj.weight, wide_context.dtype), bias)
         else:
@@ -293,8 +299,31 @@ class DDLDeltaResidual(nn.Module):
     def forward(self, state: torch.Tensor, sublayer_output: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.residual_mode == "additive":
             return state + (sublayer_output if state.dim() == sublayer_output.dim() else sublayer_output.unsqueeze(-1))
+        new_state = self._projected_rewrite(state, sublayer_output, context)
+        if new_state is not None:  # decoding on the CPU: projections and rewrite in one kernel call
+            return new_state
         target, beta = self.target_and_gate(context)
         return rewrite_function(self.residual_mode)(state, sublayer_output, target, beta, self.eps)
+
+    def _projected_rewrite(self, state, sublayer_output, context) -> torch.Tensor | None:
+        """`delta_ops.projected_rewrite` for plain projections (no adapter, no hooks, no gate hidden layer), else
+        None."""
+        value_proj, beta_proj = self.value_proj, self.beta_proj
+        if self.beta_hidden is not None or not (
+            _is_plain(value_proj, nn.Linear) and _is_plain(beta_proj, DDLGateProjection)
+        ):
+            return None
+        value_scale = self.value_scale if self.value_activation == "sigmoid" else None
+        return projected_rewrite(
+            state,
+            sublayer_output,
+            context,
+            value_proj,
+            beta_proj,
+            self.eps,
+            self.residual_mode == "delta",
+            value_scale,
+        )
 
 
 def build_state_compressor(config: DDLConfig, layer_idx: int, state_idx: int) -> nn.Module | None:

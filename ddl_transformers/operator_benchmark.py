@@ -39,7 +39,7 @@ class OperatorBenchmarkArguments:
     value_channels: int = field(default=4, metadata={"help": "Value channels d_v of the expanded state."})
     kernel_size: int = field(default=4, metadata={"help": "Taps of the token convolution."})
     implementations: list[str] = field(
-        default_factory=lambda: ["fused", "triton"],
+        default_factory=lambda: ["native", "fused", "triton"],
         metadata={"help": "Operator implementations to time; triton is skipped where its kernels cannot run."},
     )
     repeats: int = field(default=20, metadata={"help": "Timed calls per figure; the median is reported."})

@@ -47,12 +47,29 @@ def logits_and_grads(model: DDLForCausalLM, tokens: torch.Tensor) -> tuple[torch
     return out.logits.detach(), {name: param.grad.clone() for name, param in model.named_parameters()}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory):
+    """The native implementation's C kernels are built into a folder of this session, not the user's cache."""
+    previous = os.environ.get("DDL_TRANSFORMERS_CACHE")
+    os.environ["DDL_TRANSFORMERS_CACHE"] = str(tmp_path_factory.mktemp("ddl_kernels"))
+    yield
+    if previous is None:
+        del os.environ["DDL_TRANSFORMERS_CACHE"]
+    else:
+        os.environ["DDL_TRANSFORMERS_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True)
+def default_operators_afterwards():
+    """Every test starts with the default operators, whatever the one before it chose."""
+    yield
+    delta_ops.set_implementation(delta_ops.DEFAULT_IMPLEMENTATION)
+
+
 @pytest.fixture
 def reference_operators():
-    """The reference operators for the test; the fused ones afterwards."""
+    """The reference operators for the test (the default ones afterwards)."""
     delta_ops.set_implementation("reference")
-    yield
-    delta_ops.set_implementation("fused")
 
 
 @pytest.fixture(params=ALL_PRESETS)

@@ -127,7 +127,7 @@ def test_reference_variants_run_in_the_same_rounds(tmp_path):
     assert [record["preset"] for record in report["results"]] == ["baseline", "ddl-tc@reference", "ddl-tc"]
     assert report["results"][1]["parameters"] == report["results"][2]["parameters"]
     assert [record["peak_memory_mb"] for record in report["results"]] == [None] * 3
-    assert delta_ops.get_implementation() == "fused"
+    assert delta_ops.get_implementation() == delta_ops.DEFAULT_IMPLEMENTATION
 
 
 def test_cli_parses_its_flags():

@@ -25,13 +25,13 @@ TINY = {"batch_size": 2, "seq_len": 5, "hidden_size": 12, "value_channels": 3, "
 
 def test_every_operator_is_checked_and_timed_in_every_implementation(tmp_path):
     args = OperatorBenchmarkArguments(
-        **TINY, implementations=["fused", "reference", "triton"], output=str(tmp_path / "o.json")
+        **TINY, implementations=["native", "fused", "reference", "triton"], output=str(tmp_path / "o.json")
     )
     report = run_operator_benchmark(args)
     rows = {(r["operator"], r["implementation"], r["pass"]) for r in report["results"]}
     operators = {"rewrite, scalar state", "rewrite, expanded state", "token convolution"}
     expected_triton = delta_ops._triton_module() is not None  # the interpreter runs the kernels on the CPU here
-    implementations = {"fused", "reference"} | ({"triton"} if expected_triton else set())
+    implementations = {"native", "fused", "reference"} | ({"triton"} if expected_triton else set())
     assert rows == {(o, i, p) for o in operators for i in implementations for p in ("forward", "forward_backward")}
     tokens, hidden, channels = 2 * 5, 12, 3
     for record in report["results"]:
@@ -99,14 +99,14 @@ def test_a_wrong_operator_is_not_timed(wrong, part, monkeypatch):
     message = rf"token convolution \(fused, float32, cpu\): its {part} differs from the float64 reference by"
     with pytest.raises(RuntimeError, match=message):
         run_operator_benchmark(OperatorBenchmarkArguments(**TINY, implementations=["fused"]))
-    assert delta_ops.get_implementation() == "fused"
+    assert delta_ops.get_implementation() == delta_ops.DEFAULT_IMPLEMENTATION
 
 
 def test_using_implementation_restores_the_previous_one_after_an_error():
     with pytest.raises(KeyError), using_implementation("reference"):
         assert delta_ops.get_implementation() == "reference"
         raise KeyError("inside")
-    assert delta_ops.get_implementation() == "fused"
+    assert delta_ops.get_implementation() == delta_ops.DEFAULT_IMPLEMENTATION
 
 
 @pytest.mark.skipif(delta_ops._triton_module() is None, reason="needs Triton (its interpreter on the CPU)")

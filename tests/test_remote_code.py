@@ -10,6 +10,8 @@ import torch
 from conftest import perturbed_model
 from safetensors.torch import load_file
 
+from ddl_transformers import delta_ops
+
 TOKENS = [[5, 9, 11, 30, 42, 7, 3, 64]]
 STANDARD_LIBRARY = sys.stdlib_module_names
 
@@ -39,7 +41,7 @@ def test_saved_folder_loads_as_remote_code_with_identical_logits(tmp_path, name)
     files = {p.name for p in folder.iterdir()}
     assert {"configuration_ddl.py", "modeling_ddl.py", "delta_ops.py", "state_tape.py", "model.safetensors"} <= files
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
-    assert "triton_rewrite.py" not in files, "the optional Triton kernels are not remote code"
+    assert not {"triton_rewrite.py", "cpu_kernels.py", "cpu_kernels.c"} & files, "optional kernels are not remote code"
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_ddl.DDLConfig",
@@ -62,6 +64,7 @@ def test_saved_folder_loads_as_remote_code_with_identical_logits(tmp_path, name)
     )
     result = torch.load(result_file)
     assert result["module"].startswith("transformers_modules")
+    delta_ops.set_implementation("fused")  # the remote code's operators (it does not carry the C kernels)
     with torch.no_grad():
         expected = model(torch.tensor(TOKENS)).logits
         generated = model.generate(torch.tensor(TOKENS), max_new_tokens=5, min_new_tokens=5, do_sample=False)

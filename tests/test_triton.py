@@ -281,4 +281,4 @@ def test_triton_is_refused_clearly_when_missing(monkeypatch):
     monkeypatch.setattr(delta_ops, "_triton_module", lambda: None)
     with pytest.raises(ValueError, match="pip install triton"):
         delta_ops.set_implementation("triton")
-    assert delta_ops.get_implementation() == "fused"
+    assert delta_ops.get_implementation() == delta_ops.DEFAULT_IMPLEMENTATION

@@ -1,0 +1,201 @@
+"""DDL's CPU kernels: the rewrite without autograd (decoding, prefill and evaluation without gradients) as one C call
+instead of about ten PyTorch operations, each of which costs microseconds to dispatch when a token is decoded.
+
+Chosen by `delta_ops.set_implementation("native")` (the default) for float32 CPU tensors; everything else keeps the
+fused PyTorch operators. The C source (`cpu_kernels.c`, next to this file) is compiled on first use with the system's
+C compiler (`$CC`, else `cc`) into a cache folder (`$DDL_TRANSFORMERS_CACHE`, else `~/.cache/ddl_transformers`) and
+loaded with `ctypes`; OpenMP threads follow `torch.get_num_threads()`. Not part of a saved model's remote code.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
+_POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
+
+
+class KernelBuildError(RuntimeError):
+    """The C kernels could not be compiled or loaded."""
+
+
+def cache_dir() -> Path:
+    """Where the compiled library is kept: `$DDL_TRANSFORMERS_CACHE`, else `$XDG_CACHE_HOME/ddl_transformers`, else
+    `~/.cache/ddl_transformers`."""
+    if os.environ.get("DDL_TRANSFORMERS_CACHE"):
+        return Path(os.environ["DDL_TRANSFORMERS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddl_transformers"
+
+
+def _compiler() -> list[str]:
+    """`$CC` split into words (e.g. `ccache gcc`), else `cc`."""
+    return shlex.split(os.environ.get("CC") or "cc")
+
+
+def library_path() -> Path:
+    """The compiled library's path; its name holds a hash of the source, the compiler and the flags."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((*_compiler(), *FLAGS)).encode()).hexdigest()[:16]
+    return cache_dir() / f"cpu_kernels-{platform.machine()}-{key}.so"
+
+
+def _compile(path: Path) -> None:
+    """Compile the source into `path`, atomically (processes that start together each compile and rename)."""
+    command = [*_compiler(), *FLAGS, str(SOURCE), "-o", str(path.name), "-lm"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        result = subprocess.run(command, cwd=scratch, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise KernelBuildError(f"`{shlex.join(command)}` failed: {result.stderr.strip() or 'no message'}")
+        os.replace(Path(scratch) / path.name, path)
+
+
+@functools.cache
+def load() -> ctypes.CDLL:
+    """The library, compiled first if the cache lacks it. Raises `KernelBuildError` with the cause and the fix."""
+    path = None
+    try:
+        path = library_path()
+        cached = path.exists()
+        if not cached:
+            _compile(path)
+        library = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as error:  # KernelBuildError is a RuntimeError; so is Path.home() without a home
+        stale = f" If {path} is a damaged or foreign build, delete it to rebuild." if path and cached else ""
+        raise KernelBuildError(
+            f"DDL's CPU kernels could not be built or loaded ({error}). They need a C compiler with OpenMP (`cc`, or "
+            f"set `CC`) and a writable cache folder (set DDL_TRANSFORMERS_CACHE to choose one).{stale} Without them, "
+            "`delta_ops.set_implementation('fused')` runs the same model with PyTorch operators."
+        ) from error
+    library.ddl_rewrite.argtypes = [_POINTER] * 5 + [_SIZE] * 3 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    library.ddl_projected_rewrite.argtypes = (
+        [_POINTER] * 8 + [_SIZE] * 3 + [ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    )
+    library.ddl_channel_mix.argtypes = [_POINTER] * 3 + [_SIZE] * 3 + [ctypes.c_int]
+    for kernel in (library.ddl_rewrite, library.ddl_projected_rewrite, library.ddl_channel_mix):
+        kernel.restype = None
+    return library
+
+
+MAX_CHANNELS = 64  # the projected rewrite keeps a token's target on the stack
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_float32_cpu(tensor: torch.Tensor) -> bool:
+    """A float32 CPU tensor with its own strided storage: no subclass (fake, quantised or other wrapper tensors)."""
+    return (
+        type(tensor) in _PLAIN and tensor.is_cpu and tensor.dtype == torch.float32 and tensor.layout == torch.strided
+    )
+
+
+def _applies(state: torch.Tensor, direction: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: plain float32 CPU tensors with storage (no subclass, no fake or
+    quantised wrapper), `direction` and `others` contiguous, the state `(..., d)` or `(..., d, d_v)` with the
+    direction's tokens and channel-major (each token's channels contiguous rows of `d` floats). Plain loops: this runs
+    for every decoded token and sublayer."""
+    for tensor in (state, direction, *others):
+        if not _plain_float32_cpu(tensor):
+            return False
+    for tensor in (direction, *others):
+        if not tensor.is_contiguous():
+            return False
+    if direction.dim() == 0:
+        return False
+    if state.dim() == direction.dim():
+        return state.shape == direction.shape and state.is_contiguous()
+    return state.dim() == direction.dim() + 1 and state.shape[:-1] == direction.shape and state.mT.is_contiguous()
+
+
+def _pointers(*tensors: torch.Tensor) -> tuple[int, ...]:
+    return tuple(tensor.data_ptr() for tensor in tensors)
+
+
+def _sizes(state: torch.Tensor, direction: torch.Tensor) -> tuple[int, int, int]:
+    """`(tokens, d, d_v)` of a state `(..., d)` or `(..., d, d_v)` and its direction `(..., d)`."""
+    hidden = direction.shape[-1]
+    channels = 1 if state.dim() == direction.dim() else state.shape[-1]
+    return (direction.numel() // hidden if hidden else 0), hidden, channels
+
+
+def rewrite(
+    state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float, erase: bool
+) -> torch.Tensor | None:
+    """The rewrite without autograd in one call, or None where the kernel does not apply (see `_applies`). Shapes as
+    in `delta_ops` (already checked there): state `(..., d)` or `(..., d, d_v)`, direction `(..., d)`, target
+    `(..., d_v)`, beta `(..., 1)`. An expanded result is channel-major, like its input."""
+    target, beta = target.contiguous(), beta.contiguous()
+    if not _applies(state, direction, target, beta):
+        return None
+    tokens, hidden, channels = _sizes(state, direction)
+    if target.shape != (*direction.shape[:-1], channels) or beta.shape != (*direction.shape[:-1], 1):
+        return None
+    out = torch.empty_like(state)  # keeps the channel-major strides
+    threads = torch.get_num_threads()
+    pointers = _pointers(state, direction, target, beta, out)
+    load().ddl_rewrite(*pointers, tokens, hidden, channels, eps, int(erase), threads)
+    return out
+
+
+def projected_rewrite(
+    state: torch.Tensor,
+    direction: torch.Tensor,
+    context: torch.Tensor,
+    value_weight: torch.Tensor,
+    value_bias: torch.Tensor | None,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor,
+    eps: float,
+    erase: bool,
+    value_scale: float | None,
+) -> torch.Tensor | None:
+    """The rewrite with its target `W_v c + b_v` (then `value_scale * sigmoid(.)` unless `value_scale` is None) and
+    gate `2 sigmoid(w_g c + b_g)` computed from the context `c` `(..., d)` in the same call, without autograd; None
+    where the kernel does not apply. Weights as in `nn.Linear`: `(d_v, d)`, `(d_v,)`, `(1, d)`, `(1,)`."""
+    weights = (value_weight, gate_weight, gate_bias) + (() if value_bias is None else (value_bias,))
+    if not _applies(state, direction, context, *weights):
+        return None
+    tokens, hidden, channels = _sizes(state, direction)
+    shapes_match = (  # as nn.Linear(d, d_v) and nn.Linear(d, 1) have them
+        context.shape == direction.shape
+        and value_weight.shape == (channels, hidden)
+        and gate_weight.shape == (1, hidden)
+        and gate_bias.shape == (1,)
+        and (value_bias is None or value_bias.shape == (channels,))
+    )
+    if channels > MAX_CHANNELS or not shapes_match:
+        return None
+    out = torch.empty_like(state)
+    value_bias_pointer = None if value_bias is None else value_bias.data_ptr()
+    pointers = (*_pointers(state, direction, context, value_weight), value_bias_pointer)
+    pointers += _pointers(gate_weight, gate_bias, out)
+    value_sigmoid, value_scale = int(value_scale is not None), 1.0 if value_scale is None else value_scale
+    load().ddl_projected_rewrite(
+        *pointers, tokens, hidden, channels, eps, int(erase), value_sigmoid, value_scale, torch.get_num_threads()
+    )
+    return out
+
+
+def channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """CC's read `sum_j w[:, j] X[..., :, j]` of a channel-major state `(..., d, d_v)` with the weight `(d, d_v)`, in one
+    call without autograd; None where the kernel does not apply."""
+    if state.dim() < 2 or weight.shape != state.shape[-2:]:
+        return None
+    if not (_plain_float32_cpu(state) and _plain_float32_cpu(weight)):
+        return None
+    if not (weight.is_contiguous() and state.mT.is_contiguous()):
+        return None
+    hidden, channels = weight.shape
+    out = torch.empty(*state.shape[:-1], dtype=torch.float32)  # (a torch.Size argument costs twice as much)
+    tokens = out.numel() // hidden if hidden else 0
+    load().ddl_channel_mix(
+        state.data_ptr(), weight.data_ptr(), out.data_ptr(), tokens, hidden, channels, torch.get_num_threads()
+    )
+    return out

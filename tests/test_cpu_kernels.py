@@ -1,0 +1,274 @@
+"""The C kernels of the native implementation (`cpu_kernels.py`): against the reference operators, inside the model
+(where they must run, and only where they apply), and when they cannot be built."""
+
+import pytest
+import torch
+from conftest import ALL_PRESETS, TEST_VOCAB, perturbed_model, tiny_config
+
+from ddl_transformers import cpu_kernels, delta_ops
+from ddl_transformers.delta_ops import channel_mix, delta_update, write_only_update
+from ddl_transformers.modeling_ddl import DDLDeltaResidual
+
+
+@pytest.fixture
+def two_threads():
+    """Two threads, so that calls of 32 tokens or more take the kernels' OpenMP loop."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> dict[str, int]:
+    """Counts the calls of each kernel that returned a result (a None means the kernel did not apply)."""
+    calls = {"rewrite": 0, "projected_rewrite": 0, "channel_mix": 0}
+
+    def counting(name: str):
+        kernel = getattr(cpu_kernels, name)
+
+        def counted(*args, **kwargs):
+            result = kernel(*args, **kwargs)
+            calls[name] += result is not None
+            return result
+
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(cpu_kernels, name, counting(name))
+    return calls
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty cache folder, and the library and module loaded anew (before and after the test)."""
+    monkeypatch.setenv("DDL_TRANSFORMERS_CACHE", str(tmp_path))
+    cpu_kernels.load.cache_clear()
+    delta_ops._native_module.cache_clear()
+    yield tmp_path
+    cpu_kernels.load.cache_clear()
+    delta_ops._native_module.cache_clear()
+
+
+def channel_major_state(*shape: int) -> torch.Tensor:
+    """A random `(..., d, d_v)` state with channel-major memory, as the fused operators make them."""
+    return torch.randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
+
+
+def rewrite_inputs(lead: tuple[int, ...], hidden: int, channels: int) -> list[torch.Tensor]:
+    state = torch.randn(*lead, hidden) if channels == 1 else channel_major_state(*lead, hidden, channels)
+    direction = torch.randn(*lead, hidden)
+    direction.view(-1, hidden)[0] = 0  # h = 0: k = 0, no NaN
+    return [state, direction, torch.randn(*lead, channels), 2 * torch.rand(*lead, 1)]
+
+
+@pytest.mark.parametrize("erase", [True, False])
+@pytest.mark.parametrize("lead", [(1, 1), (3, 40)], ids=["one-token", "120-tokens"])
+@pytest.mark.parametrize("channels", [1, 4])
+def test_rewrite_matches_the_reference(erase, lead, channels, two_threads):
+    torch.manual_seed(0)
+    state, direction, target, beta = rewrite_inputs(lead, 24, channels)
+    got = cpu_kernels.rewrite(state, direction, target, beta, 1e-5, erase)
+    reference = delta_update if erase else write_only_update
+    expected = reference(*(t.double() for t in (state, direction, target, beta)), 1e-5)
+    assert got.stride() == state.stride()  # channel-major stays channel-major
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lead", [(1, 1), (2, 33)], ids=["one-token", "66-tokens"])
+def test_channel_mix_matches_the_reference(lead, two_threads):
+    torch.manual_seed(0)
+    state, weight = channel_major_state(*lead, 24, 3), torch.randn(24, 3)
+    expected = channel_mix(state.double(), weight.double())
+    torch.testing.assert_close(cpu_kernels.channel_mix(state, weight).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tensors_the_kernels_do_not_take_give_none():
+    state, direction, target, beta = rewrite_inputs((1, 2), 8, 3)
+    assert cpu_kernels.rewrite(state.contiguous(), direction, target, beta, 1e-5, True) is None  # row-major state
+    assert cpu_kernels.rewrite(state.bfloat16(), direction, target, beta, 1e-5, True) is None
+    assert cpu_kernels.rewrite(state.to("meta"), direction, target, beta, 1e-5, True) is None
+    assert cpu_kernels.channel_mix(state.double(), torch.randn(8, 3, dtype=torch.float64)) is None
+    assert cpu_kernels.channel_mix(state, torch.randn(8, 4)) is None  # weight of another shape
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"value_activation": "linear"},
+        {"residual_mode": "write_only"},
+        {"value_channels": 1},
+    ],
+    ids=["sigmoid-value", "linear-value", "write-only", "scalar-state"],
+)
+def test_projected_rewrite_equals_the_fused_residual(overrides, kernel_calls, two_threads):
+    config = tiny_config("ddl-cc", **overrides)
+    torch.manual_seed(0)
+    residual = DDLDeltaResidual(config)
+    for param in residual.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    lead, hidden, channels = (3, 20), config.hidden_size, config.value_channels if config.expanded_state else 1
+    state, direction = rewrite_inputs(lead, hidden, channels)[:2]
+    context = torch.randn(*lead, hidden)
+    with torch.no_grad():
+        delta_ops.set_implementation("fused")
+        expected = residual(state, direction, context)
+        delta_ops.set_implementation("native")
+        got = residual(state, direction, context)
+    assert kernel_calls["projected_rewrite"] == 1
+    assert got.stride() == expected.stride()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_keep_out_of_autograd_and_of_hooked_projections(kernel_calls):
+    residual = DDLDeltaResidual(tiny_config("ddl-cc"))
+    state, direction = rewrite_inputs((1, 4), residual.value_proj.in_features, 4)[:2]
+    context = torch.randn_like(direction)
+    residual(state, direction, context).sum().backward()  # parameters need gradients: the autograd operators
+    assert residual.value_proj.weight.grad is not None and kernel_calls == dict.fromkeys(kernel_calls, 0)
+    seen = []
+    residual.value_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        residual(state, direction, context)
+    assert seen == [(1, 4, 4)] and kernel_calls["projected_rewrite"] == 0
+    assert kernel_calls["rewrite"] == 1  # the rewrite alone still runs in C
+
+
+@pytest.mark.parametrize("name", ALL_PRESETS)
+def test_native_decoding_matches_the_reference(name, kernel_calls):
+    model = perturbed_model(name)
+    prompt = torch.randint(3, TEST_VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0  # left padding
+    outputs = {}
+    for implementation in ("reference", "native"):
+        delta_ops.set_implementation(implementation)
+        outputs[implementation] = model.generate(
+            prompt,
+            attention_mask=mask,
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    torch.testing.assert_close(outputs["native"].sequences, outputs["reference"].sequences)
+    for got, expected in zip(outputs["native"].logits, outputs["reference"].logits):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    delta = model.config.residual_mode != "additive"
+    assert (kernel_calls["projected_rewrite"] > 0) == delta
+    assert (kernel_calls["channel_mix"] > 0) == model.config.expanded_state
+
+
+def test_the_library_is_built_once_into_the_cache(fresh_build):
+    cpu_kernels.load()
+    path = cpu_kernels.library_path()
+    assert path.parent == fresh_build and sorted(fresh_build.iterdir()) == [path]  # no scratch folder left
+    built = path.stat().st_mtime_ns
+    cpu_kernels.load.cache_clear()
+    cpu_kernels.load()
+    assert path.stat().st_mtime_ns == built
+
+
+@pytest.mark.parametrize("compiler", ["no-such-compiler", "false"], ids=["missing", "failing"])
+def test_a_failed_build_names_the_fix_and_the_model_falls_back(compiler, fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", compiler)
+    with pytest.raises(cpu_kernels.KernelBuildError, match=r"need a C compiler .*set_implementation\('fused'\)"):
+        cpu_kernels.load()
+    model = perturbed_model("ddl-cc")
+    tokens = torch.randint(3, TEST_VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="Using the fused PyTorch operators instead"):
+            got = model(tokens).logits
+        delta_ops.set_implementation("fused")
+        expected = model(tokens).logits
+    torch.testing.assert_close(got, expected)
+    assert list(fresh_build.iterdir()) == []
+
+
+def test_inputs_the_kernels_cannot_take_fall_back_without_harm(kernel_calls):
+    state = channel_major_state(2, 3, 1, 4)  # d = 1 against h of width 8: the reference broadcasts
+    direction, target, beta = torch.randn(2, 3, 8), torch.randn(2, 3, 4), torch.rand(2, 3, 1)
+    with torch.no_grad():
+        got = delta_ops.rewrite_function("delta")(state, direction, target, beta)
+    torch.testing.assert_close(got, delta_update(state, direction, target, beta))
+    assert kernel_calls["rewrite"] == 0
+    assert cpu_kernels.rewrite(state, direction, target, beta, 1e-5, True) is None
+    wide_state = channel_major_state(2, 3, 8, 4)
+    assert cpu_kernels.rewrite(wide_state, direction, target[0], beta, 1e-5, True) is None  # target (3, 4)
+    assert cpu_kernels.rewrite(wide_state[0, 0, 0], direction[0, 0, 0], target[0, 0], beta[0, 0], 1e-5, True) is None
+
+
+def test_fake_tensors_take_the_pytorch_operators():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    residual = DDLDeltaResidual(tiny_config("ddl-cc"))
+    hidden = residual.value_proj.in_features
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        state = mode.from_tensor(channel_major_state(1, 2, hidden, 4))
+        direction = mode.from_tensor(torch.randn(1, 2, hidden))
+        out = residual(state, direction, direction)
+    assert out.shape == state.shape  # a data pointer of a fake tensor would have crashed the process
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["gate hidden layer", "65 channels", "hook on the gate", "autocast"],
+)
+def test_the_projected_rewrite_steps_aside_where_it_does_not_apply(change, kernel_calls):
+    overrides = {"beta_hidden_size": 8} if change == "gate hidden layer" else {}
+    if change == "65 channels":
+        overrides["value_channels"] = cpu_kernels.MAX_CHANNELS + 1
+    config = tiny_config("ddl-cc", **overrides)
+    residual = DDLDeltaResidual(config)
+    if change == "hook on the gate":
+        residual.beta_proj.register_forward_pre_hook(lambda module, args: None)
+    state, direction = rewrite_inputs((1, 3), config.hidden_size, config.value_channels)[:2]
+    context = torch.randn_like(direction)
+    outputs = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=change == "autocast"):
+        for implementation in ("fused", "native"):
+            delta_ops.set_implementation(implementation)
+            outputs[implementation] = residual(state, direction, context)
+    assert kernel_calls["projected_rewrite"] == 0
+    torch.testing.assert_close(outputs["native"], outputs["fused"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernels_keep_gradients_of_inputs_of_a_frozen_model(kernel_calls):
+    residual = DDLDeltaResidual(tiny_config("ddl-cc")).requires_grad_(False)
+    state, direction = rewrite_inputs((1, 3), residual.value_proj.in_features, 4)[:2]
+    residual(state, direction, direction)  # grad enabled, nothing requires a gradient: the kernel
+    assert kernel_calls["projected_rewrite"] == 1
+    direction.requires_grad_()
+    residual(state, direction, direction).sum().backward()  # e.g. attributions: autograd
+    assert kernel_calls["projected_rewrite"] == 1 and direction.grad is not None
+
+
+def test_traced_and_compiled_models_do_not_bake_in_a_kernel_call(kernel_calls):
+    residual = DDLDeltaResidual(tiny_config("ddl-cc")).eval().requires_grad_(False)
+    hidden = residual.value_proj.in_features
+    first, second = (rewrite_inputs((1, 3), hidden, 4)[:2] for _ in range(2))
+    with torch.no_grad():
+        expected = residual(second[0], second[1], second[1])
+        calls = kernel_calls["projected_rewrite"]
+        traced = torch.jit.trace(residual, (first[0], first[1], first[1]), check_trace=False)
+        compiled = torch.compile(residual, backend="eager", fullgraph=True)
+        compiled(first[0], first[1], first[1])
+        for model in (traced, compiled):
+            torch.testing.assert_close(model(second[0], second[1], second[1]), expected, rtol=1e-5, atol=1e-5)
+    assert kernel_calls["projected_rewrite"] == calls
+
+
+def test_a_compiler_command_with_arguments_builds(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "env cc")
+    cpu_kernels.load()
+    assert cpu_kernels.library_path().is_file()
+
+
+def test_a_missing_source_falls_back_with_a_warning(fresh_build, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "SOURCE", fresh_build / "missing.c")
+    with pytest.raises(cpu_kernels.KernelBuildError, match="missing.c"):
+        cpu_kernels.load()
+    with pytest.warns(RuntimeWarning, match="Using the fused PyTorch operators instead"), torch.no_grad():
+        perturbed_model("ddl-scalar")(torch.tensor([[5, 6, 7]]))
