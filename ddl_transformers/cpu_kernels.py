@@ -86,28 +86,29 @@ def load() -> ctypes.CDLL:
 
 
 MAX_CHANNELS = 64  # the projected rewrite keeps a token's target on the stack
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN, _FLOAT32, _STRIDED = (torch.Tensor, torch.nn.Parameter), torch.float32, torch.strided
 
 
 def _plain_float32_cpu(tensor: torch.Tensor) -> bool:
     """A float32 CPU tensor with its own strided storage: no subclass (fake, quantised or other wrapper tensors)."""
-    return (
-        type(tensor) in _PLAIN and tensor.is_cpu and tensor.dtype == torch.float32 and tensor.layout == torch.strided
-    )
+    return type(tensor) in _PLAIN and tensor.is_cpu and tensor.dtype == _FLOAT32 and tensor.layout == _STRIDED
 
 
 def _applies(state: torch.Tensor, direction: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether the kernels take these tensors: plain float32 CPU tensors with storage (no subclass, no fake or
     quantised wrapper), `direction` and `others` contiguous, the state `(..., d)` or `(..., d, d_v)` with the
-    direction's tokens and channel-major (each token's channels contiguous rows of `d` floats). Plain loops: this runs
-    for every decoded token and sublayer."""
-    for tensor in (state, direction, *others):
-        if not _plain_float32_cpu(tensor):
-            return False
+    direction's tokens and channel-major (each token's channels contiguous rows of `d` floats). One plain loop: this
+    runs for every decoded token and sublayer."""
     for tensor in (direction, *others):
-        if not tensor.is_contiguous():
+        if not (
+            type(tensor) in _PLAIN
+            and tensor.is_cpu
+            and tensor.dtype == _FLOAT32
+            and tensor.layout == _STRIDED
+            and tensor.is_contiguous()
+        ):
             return False
-    if direction.dim() == 0:
+    if direction.dim() == 0 or not _plain_float32_cpu(state):
         return False
     if state.dim() == direction.dim():
         return state.shape == direction.shape and state.is_contiguous()
