@@ -81,3 +81,42 @@ void ddl_channel_mix(const float *state, const float *weight, float *out, int64_
         }
     }
 }
+
+/* TC's read of one new token per sequence, from its window: the K - 1 states before it (`history`, element
+ * (b, k, i, j) at b * stride_b + k * stride_k + i * stride_i + j * stride_j) and its own state (channel-major, one
+ * token per sequence):
+ *   out_i = sum_j sum_k (w[i * channels + j][k] * read_j) * window_k[i][j]
+ * with the depthwise convolution weight (hidden * channels, kernel_size). */
+void ddl_token_mix_step(const float *state, const float *history, const float *conv_weight, const float *read,
+                        float *out, int64_t stride_b, int64_t stride_k, int64_t stride_i, int64_t stride_j,
+                        int64_t batch, int64_t hidden, int64_t channels, int64_t kernel_size)
+{
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t i = 0; i < hidden; ++i) {
+            float sum = 0.0f;
+            for (int64_t j = 0; j < channels; ++j) {
+                const float *taps = conv_weight + (i * channels + j) * kernel_size;
+                const float *past = history + b * stride_b + i * stride_i + j * stride_j;
+                for (int64_t k = 0; k + 1 < kernel_size; ++k)
+                    sum += (taps[k] * read[j]) * past[k * stride_k];
+                sum += (taps[kernel_size - 1] * read[j]) * state[(b * channels + j) * hidden + i];
+            }
+            out[b * hidden + i] = sum;
+        }
+}
+
+/* EC of one new token per sequence: its state (channel-major) from its window of embeddings (batch, kernel_size,
+ * hidden), contiguous: X_j[i] = sum_k w[i * channels + j][k] * e_k[i]. */
+void ddl_expansion_step(const float *window, const float *conv_weight, float *out, int64_t batch, int64_t hidden,
+                        int64_t channels, int64_t kernel_size)
+{
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t j = 0; j < channels; ++j)
+            for (int64_t i = 0; i < hidden; ++i) {
+                const float *taps = conv_weight + (i * channels + j) * kernel_size;
+                float sum = 0.0f;
+                for (int64_t k = 0; k < kernel_size; ++k)
+                    sum += taps[k] * window[(b * kernel_size + k) * hidden + i];
+                out[(b * channels + j) * hidden + i] = sum;
+            }
+}

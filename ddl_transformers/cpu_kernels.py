@@ -80,8 +80,11 @@ def load() -> ctypes.CDLL:
         [_POINTER] * 8 + [_SIZE] * 3 + [ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
     )
     library.ddl_channel_mix.argtypes = [_POINTER] * 3 + [_SIZE] * 3 + [ctypes.c_int]
-    for kernel in (library.ddl_rewrite, library.ddl_projected_rewrite, library.ddl_channel_mix):
-        kernel.restype = None
+    library.ddl_token_mix_step.argtypes = [_POINTER] * 5 + [_SIZE] * 8
+    library.ddl_expansion_step.argtypes = [_POINTER] * 3 + [_SIZE] * 4
+    kernels = ("ddl_rewrite", "ddl_projected_rewrite", "ddl_channel_mix", "ddl_token_mix_step", "ddl_expansion_step")
+    for name in kernels:
+        getattr(library, name).restype = None
     return library
 
 
@@ -200,3 +203,48 @@ def channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | Non
         state.data_ptr(), weight.data_ptr(), out.data_ptr(), tokens, hidden, channels, torch.get_num_threads()
     )
     return out
+
+
+def token_mix_step(
+    state: torch.Tensor, conv_weight: torch.Tensor, read: torch.Tensor, history: torch.Tensor
+) -> torch.Tensor | None:
+    """TC's read of one new token per sequence without autograd: `state` `(B, 1, d, d_v)` channel-major, `history`
+    `(B, K - 1, d, d_v)` in any layout (the cache's), `conv_weight` `(d * d_v, 1, K)`, `read` `(d_v,)`. Returns
+    `(B, 1, d)`, or None where the kernel does not apply."""
+    if state.dim() != 4 or state.shape[1] != 1 or conv_weight.dim() != 3 or history.dim() != 4:
+        return None
+    batch, _, hidden, channels = state.shape
+    kernel_size = conv_weight.shape[-1]
+    shapes_match = (
+        history.shape == (batch, kernel_size - 1, hidden, channels)
+        and conv_weight.shape == (hidden * channels, 1, kernel_size)
+        and read.shape == (channels,)
+    )
+    tensors = (state, conv_weight, read, history)
+    if not (shapes_match and all(_plain_float32_cpu(tensor) for tensor in tensors)):
+        return None
+    if not (conv_weight.is_contiguous() and read.is_contiguous() and state.mT.is_contiguous()):
+        return None
+    out = torch.empty(batch, 1, hidden, dtype=torch.float32)
+    pointers = _pointers(state, history, conv_weight, read, out)
+    load().ddl_token_mix_step(*pointers, *history.stride(), batch, hidden, channels, kernel_size)
+    return out
+
+
+def expansion_step(window: torch.Tensor, conv_weight: torch.Tensor) -> torch.Tensor | None:
+    """EC of one new token per sequence without autograd: `window` `(B, K, d)` (the `K - 1` embeddings before it, then
+    its own), `conv_weight` `(d * d_v, 1, K)`. Returns its state `(B, 1, d, d_v)`, channel-major, or None where the
+    kernel does not apply."""
+    if window.dim() != 3 or conv_weight.dim() != 3:
+        return None
+    batch, kernel_size, hidden = window.shape
+    if conv_weight.shape[0] % max(hidden, 1) or conv_weight.shape[1:] != (1, kernel_size):
+        return None
+    if not (_plain_float32_cpu(window) and _plain_float32_cpu(conv_weight)):
+        return None
+    if not (window.is_contiguous() and conv_weight.is_contiguous()):
+        return None
+    channels = conv_weight.shape[0] // hidden if hidden else 0
+    out = torch.empty(batch, 1, channels, hidden, dtype=torch.float32)
+    load().ddl_expansion_step(*_pointers(window, conv_weight, out), batch, hidden, channels, kernel_size)
+    return out.transpose(-1, -2)  # (B, 1, d, d_v), channel-major

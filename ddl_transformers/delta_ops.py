@@ -364,7 +364,7 @@ def projected_rewrite(
     `2 sigmoid(gate_proj(c))` computed in the same C call (`cpu_kernels.projected_rewrite`), or None where that does
     not apply: another implementation than native, autograd needed, `torch.compile` tracing, other dtypes or devices.
     Decoding a token then costs one call per sublayer instead of about fifteen PyTorch operations."""
-    if torch.is_grad_enabled() and _needs_grad(state, direction, context, value_proj, gate_proj):
+    if _needs_grad(state, direction, context, value_proj, gate_proj):
         return None
     native = _native_for(state)
     if native is None or torch.is_autocast_enabled("cpu"):  # autocast would make the projections bfloat16
@@ -384,7 +384,9 @@ def projected_rewrite(
 
 
 def _needs_grad(*items: torch.Tensor | torch.nn.Module) -> bool:
-    """Whether any tensor, or any parameter of a module, requires a gradient."""
+    """Whether autograd is on and any tensor, or any parameter of a module, requires a gradient."""
+    if not torch.is_grad_enabled():
+        return False
     tensors = (p for item in items for p in (item.parameters() if isinstance(item, torch.nn.Module) else (item,)))
     return any(t.requires_grad for t in tensors)
 
@@ -570,6 +572,11 @@ def fused_token_mix(
     `_token_conv`); causal zero padding is the convolution's own. On the CPU, training takes `_FusedTokenConv`'s
     backward; with the Triton implementation, the convolution and its backward are Triton kernels. One decoded token
     is a single multiply-and-sum over its window instead."""
+    if history is not None and states.shape[1] == 1 and not _needs_grad(states, conv_weight, read, history):
+        native = _native_for(states)  # decoding: the window's read in one call
+        mixed = None if native is None else native.token_mix_step(states, conv_weight, read, history)
+        if mixed is not None:
+            return mixed
     kernel_size, hidden, value_channels = conv_weight.shape[-1], states.shape[-2], states.shape[-1]
     weight = conv_weight.view(hidden, value_channels, kernel_size).permute(2, 1, 0) * read.unsqueeze(-1)  # (K, d_v, d)
     weight = weight.to(states.dtype)
@@ -643,6 +650,10 @@ def fused_expand_embeddings(window: torch.Tensor, conv_weight: torch.Tensor) -> 
         return _FusedExpansion.apply(window, conv_weight)
     hidden, kernel_size = window.shape[-1], conv_weight.shape[-1]
     if window.shape[1] == kernel_size:  # one token (decoding): one multiply and sum over its window
+        native = _native_for(window)
+        expanded = None if native is None else native.expansion_step(window, conv_weight)
+        if expanded is not None:
+            return expanded
         taps = _cast(conv_weight, window.dtype).view(hidden, -1, kernel_size).permute(2, 1, 0)  # (K, d_v, d)
         return (window.unsqueeze(-2) * taps).sum(1).unsqueeze(1).transpose(-1, -2)  # channel-major (B, 1, d, d_v)
     return _expand(window, _cast(_expansion_taps(conv_weight, hidden), window.dtype))

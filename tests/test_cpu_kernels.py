@@ -6,7 +6,7 @@ import torch
 from conftest import ALL_PRESETS, TEST_VOCAB, perturbed_model, tiny_config
 
 from ddl_transformers import cpu_kernels, delta_ops
-from ddl_transformers.delta_ops import channel_mix, delta_update, write_only_update
+from ddl_transformers.delta_ops import channel_mix, delta_update, expand_embeddings, token_mix, write_only_update
 from ddl_transformers.modeling_ddl import DDLDeltaResidual
 
 
@@ -22,7 +22,7 @@ def two_threads():
 @pytest.fixture
 def kernel_calls(monkeypatch) -> dict[str, int]:
     """Counts the calls of each kernel that returned a result (a None means the kernel did not apply)."""
-    calls = {"rewrite": 0, "projected_rewrite": 0, "channel_mix": 0}
+    calls = dict.fromkeys(["rewrite", "projected_rewrite", "channel_mix", "token_mix_step", "expansion_step"], 0)
 
     def counting(name: str):
         kernel = getattr(cpu_kernels, name)
@@ -81,6 +81,32 @@ def test_channel_mix_matches_the_reference(lead, two_threads):
     state, weight = channel_major_state(*lead, 24, 3), torch.randn(24, 3)
     expected = channel_mix(state.double(), weight.double())
     torch.testing.assert_close(cpu_kernels.channel_mix(state, weight).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_token_steps_of_the_token_convolutions_match_the_reference():
+    torch.manual_seed(0)
+    batch, hidden, channels, kernel_size = 3, 24, 4, 4
+    state = channel_major_state(batch, 1, hidden, channels)
+    cached = torch.randn(batch, channels * hidden, kernel_size - 1)  # the cache's layout: channel-major, time last
+    history = cached.transpose(1, 2).unflatten(-1, (channels, hidden)).transpose(-1, -2)  # (B, K - 1, d, d_v)
+    conv_weight, read = torch.randn(hidden * channels, 1, kernel_size), torch.randn(channels)
+    got = cpu_kernels.token_mix_step(state, conv_weight, read, history)
+    expected = token_mix(*(t.double() for t in (state, conv_weight, read, history)))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    window = torch.randn(batch, kernel_size, hidden)
+    got = cpu_kernels.expansion_step(window, conv_weight)
+    expected = expand_embeddings(window.double(), conv_weight.double())
+    assert got.mT.is_contiguous()  # channel-major, as the fused expansion makes it
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    assert cpu_kernels.token_mix_step(state, conv_weight, read, history[:, 1:]) is None  # a window of K - 1
+    assert cpu_kernels.expansion_step(window[:, 1:], conv_weight) is None
+
+
+def test_one_token_steps_keep_autograd(kernel_calls):
+    state = channel_major_state(1, 1, 8, 2).requires_grad_()
+    conv_weight, read, history = torch.randn(16, 1, 3), torch.randn(2), torch.randn(1, 2, 8, 2)
+    delta_ops.fused_token_mix(state, conv_weight, read, history).sum().backward()
+    assert state.grad is not None and kernel_calls["token_mix_step"] == 0
 
 
 def test_tensors_the_kernels_do_not_take_give_none():
@@ -159,6 +185,8 @@ def test_native_decoding_matches_the_reference(name, kernel_calls):
     delta = model.config.residual_mode != "additive"
     assert (kernel_calls["projected_rewrite"] > 0) == delta
     assert (kernel_calls["channel_mix"] > 0) == model.config.expanded_state
+    assert (kernel_calls["token_mix_step"] > 0) == model.config.uses_token_compressor
+    assert (kernel_calls["expansion_step"] > 0) == model.config.uses_embedding_expansion
 
 
 def test_the_library_is_built_once_into_the_cache(fresh_build):
