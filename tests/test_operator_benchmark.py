@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddl_transformers import delta_ops
+from ddl_transformers import cpu_kernels, delta_ops
 from ddl_transformers.benchmark import using_implementation
 from ddl_transformers.operator_benchmark import (
     OperatorBenchmarkArguments,
@@ -133,6 +133,18 @@ def test_triton_is_skipped_where_its_kernels_do_not_run(monkeypatch):
     report = run_operator_benchmark(OperatorBenchmarkArguments(**TINY, implementations=["triton"]))
     assert report["results"] == [] and report["skipped"] == [
         "triton: its kernels do not run here (cpu, or Triton is missing)"
+    ]
+
+
+def test_native_rows_run_the_c_kernels_on_float32_cpu_tensors_only(monkeypatch):
+    calls = []
+    original = cpu_kernels.rewrite
+    monkeypatch.setattr(cpu_kernels, "rewrite", lambda *a, **k: calls.append(1) or original(*a, **k))
+    report = run_operator_benchmark(OperatorBenchmarkArguments(**TINY, implementations=["native"]))
+    assert len(report["results"]) == 6 and report["skipped"] == [] and calls  # the rewrites' forward rows
+    report = run_operator_benchmark(OperatorBenchmarkArguments(**TINY, implementations=["native"], dtype="bfloat16"))
+    assert report["results"] == [] and report["skipped"] == [
+        "native: its C kernels take float32 CPU tensors only (it runs the fused code here)"
     ]
 
 
