@@ -93,8 +93,15 @@ _PLAIN, _FLOAT32, _STRIDED = (torch.Tensor, torch.nn.Parameter), torch.float32, 
 
 
 def _plain_float32_cpu(tensor: torch.Tensor) -> bool:
-    """A float32 CPU tensor with its own strided storage: no subclass (fake, quantised or other wrapper tensors)."""
-    return type(tensor) in _PLAIN and tensor.is_cpu and tensor.dtype == _FLOAT32 and tensor.layout == _STRIDED
+    """A float32 CPU tensor with its own strided storage, read as stored: no subclass (fake, quantised or other wrapper
+    tensors), no lazy negation (e.g. the imaginary part of a conjugate)."""
+    return (
+        type(tensor) in _PLAIN
+        and tensor.is_cpu
+        and tensor.dtype == _FLOAT32
+        and tensor.layout == _STRIDED
+        and not tensor.is_neg()
+    )
 
 
 def _applies(state: torch.Tensor, direction: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -103,13 +110,7 @@ def _applies(state: torch.Tensor, direction: torch.Tensor, *others: torch.Tensor
     direction's tokens and channel-major (each token's channels contiguous rows of `d` floats). One plain loop: this
     runs for every decoded token and sublayer."""
     for tensor in (direction, *others):
-        if not (
-            type(tensor) in _PLAIN
-            and tensor.is_cpu
-            and tensor.dtype == _FLOAT32
-            and tensor.layout == _STRIDED
-            and tensor.is_contiguous()
-        ):
+        if not (_plain_float32_cpu(tensor) and tensor.is_contiguous()):
             return False
     if direction.dim() == 0 or not _plain_float32_cpu(state):
         return False

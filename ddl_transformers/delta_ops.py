@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
@@ -92,9 +93,11 @@ def _native_module() -> ModuleType | None:
 
 
 def _native_for(tensor: torch.Tensor) -> ModuleType | None:
-    """The C kernels when chosen and usable: a CPU tensor outside `torch.compile` and TorchScript tracing (neither
-    can see into a C call); else None."""
+    """The C kernels when chosen and usable: a CPU tensor outside `torch.compile` and TorchScript tracing, functorch
+    transforms (`vmap`, `grad`, `jvp`) and forward-mode AD (none of them can see into a C call); else None."""
     if _implementation != "native" or not tensor.is_cpu or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return None
     return _native_module()
 

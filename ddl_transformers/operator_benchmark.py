@@ -218,7 +218,7 @@ def run_operator_benchmark(args: OperatorBenchmarkArguments) -> dict[str, Any]:
         if implementation == "triton" and not _triton_runs_here(args):
             skipped.append(f"triton: its kernels do not run here ({args.device}, or Triton is missing)")
             continue
-        if implementation == "native" and not (args.device == "cpu" and args.dtype == "float32"):
+        if implementation == "native" and not (torch.device(args.device).type == "cpu" and args.dtype == "float32"):
             skipped.append("native: its C kernels take float32 CPU tensors only (it runs the fused code here)")
             continue
         with using_implementation(implementation):

@@ -83,30 +83,78 @@ def test_channel_mix_matches_the_reference(lead, two_threads):
     torch.testing.assert_close(cpu_kernels.channel_mix(state, weight).double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_one_token_steps_of_the_token_convolutions_match_the_reference():
-    torch.manual_seed(0)
-    batch, hidden, channels, kernel_size = 3, 24, 4, 4
+def token_conv_step_inputs(batch: int = 3, hidden: int = 24, channels: int = 4, kernel_size: int = 4):
+    """A decoded token's state, its history in the cache's layout (channel-major, time last), the TC weights."""
     state = channel_major_state(batch, 1, hidden, channels)
-    cached = torch.randn(batch, channels * hidden, kernel_size - 1)  # the cache's layout: channel-major, time last
+    cached = torch.randn(batch, channels * hidden, kernel_size - 1)
     history = cached.transpose(1, 2).unflatten(-1, (channels, hidden)).transpose(-1, -2)  # (B, K - 1, d, d_v)
-    conv_weight, read = torch.randn(hidden * channels, 1, kernel_size), torch.randn(channels)
+    return [state, torch.randn(hidden * channels, 1, kernel_size), torch.randn(channels), history]
+
+
+@pytest.mark.parametrize("layout", ["cache", "permuted", "broadcast"])
+def test_the_token_convolution_step_matches_the_reference(layout):
+    torch.manual_seed(0)
+    state, conv_weight, read, history = token_conv_step_inputs()
+    if layout == "permuted":  # every stride differs from the cache's, the time stride too
+        history = torch.randn(3, 4, 24, 3).permute(0, 3, 2, 1)
+    elif layout == "broadcast":
+        history = torch.randn(1, 3, 24, 4).expand(3, -1, -1, -1)
     got = cpu_kernels.token_mix_step(state, conv_weight, read, history)
     expected = token_mix(*(t.double() for t in (state, conv_weight, read, history)))
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
-    window = torch.randn(batch, kernel_size, hidden)
+
+
+def test_the_expansion_step_matches_the_reference():
+    torch.manual_seed(0)
+    window, conv_weight = torch.randn(3, 4, 24), torch.randn(24 * 4, 1, 4)
     got = cpu_kernels.expansion_step(window, conv_weight)
-    expected = expand_embeddings(window.double(), conv_weight.double())
     assert got.mT.is_contiguous()  # channel-major, as the fused expansion makes it
+    expected = expand_embeddings(window.double(), conv_weight.double())
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
-    assert cpu_kernels.token_mix_step(state, conv_weight, read, history[:, 1:]) is None  # a window of K - 1
-    assert cpu_kernels.expansion_step(window[:, 1:], conv_weight) is None
 
 
-def test_one_token_steps_keep_autograd(kernel_calls):
-    state = channel_major_state(1, 1, 8, 2).requires_grad_()
-    conv_weight, read, history = torch.randn(16, 1, 3), torch.randn(2), torch.randn(1, 2, 8, 2)
-    delta_ops.fused_token_mix(state, conv_weight, read, history).sum().backward()
-    assert state.grad is not None and kernel_calls["token_mix_step"] == 0
+def test_step_inputs_the_kernels_do_not_take_give_none():
+    state, conv_weight, read, history = token_conv_step_inputs()
+    step = cpu_kernels.token_mix_step
+    assert step(state, conv_weight, read, history[:, 1:]) is None  # a window of K - 1
+    assert step(state.contiguous(), conv_weight, read, history) is None  # a row-major state
+    assert step(state, torch.randn(96, 1, 8)[..., ::2], read, history) is None
+    assert step(state, conv_weight, torch.randn(8)[::2], history) is None
+    assert step(state, conv_weight, read, history.double()) is None
+    negated = torch.randn(*history.shape, dtype=torch.complex64).conj().imag  # float32, negated lazily
+    assert negated.is_neg() and step(state, conv_weight, read, negated) is None
+    window = torch.randn(3, 4, 48)[..., ::2]
+    assert cpu_kernels.expansion_step(window, conv_weight) is None
+    assert cpu_kernels.expansion_step(window.contiguous()[:, 1:], conv_weight) is None  # a window of K - 1
+
+
+@pytest.mark.parametrize("needs_grad", ["states", "conv_weight", "read", "history", "window", "expansion weight"])
+def test_one_token_steps_keep_autograd(needs_grad, kernel_calls):
+    state, conv_weight, read, history = token_conv_step_inputs(1, 8, 2, 3)
+    window, expansion_weight = torch.randn(1, 3, 8), torch.randn(16, 1, 3)
+    tensors = {"states": state, "conv_weight": conv_weight, "read": read, "history": history}
+    tensors.update({"window": window, "expansion weight": expansion_weight})
+    tensors[needs_grad].requires_grad_()
+    mixed = delta_ops.fused_token_mix(state, conv_weight, read, history)
+    expanded = delta_ops.fused_expand_embeddings(window, expansion_weight)
+    (mixed.sum() + expanded.sum()).backward()
+    assert tensors[needs_grad].grad is not None
+    assert kernel_calls["token_mix_step"] == (needs_grad in ("window", "expansion weight"))
+    assert kernel_calls["expansion_step"] == (needs_grad not in ("window", "expansion weight"))
+
+
+def test_functorch_transforms_and_forward_ad_take_the_pytorch_operators(kernel_calls):
+    import torch.autograd.forward_ad as forward_ad
+
+    state, conv_weight, read, history = token_conv_step_inputs()
+    expected = delta_ops.fused_token_mix(state, conv_weight, read, history)
+    assert kernel_calls["token_mix_step"] == 1
+    batched = torch.func.vmap(lambda h: delta_ops.fused_token_mix(state, conv_weight, read, h))(history.unsqueeze(0))
+    torch.testing.assert_close(batched[0], expected, rtol=1e-5, atol=1e-5)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(history, torch.ones_like(history))
+        tangent = forward_ad.unpack_dual(delta_ops.fused_token_mix(state, conv_weight, read, dual)).tangent
+    assert tangent is not None and kernel_calls["token_mix_step"] == 1
 
 
 def test_tensors_the_kernels_do_not_take_give_none():

@@ -140,7 +140,9 @@ def test_native_rows_run_the_c_kernels_on_float32_cpu_tensors_only(monkeypatch):
     calls = []
     original = cpu_kernels.rewrite
     monkeypatch.setattr(cpu_kernels, "rewrite", lambda *a, **k: calls.append(1) or original(*a, **k))
-    report = run_operator_benchmark(OperatorBenchmarkArguments(**TINY, implementations=["native"]))
+    report = run_operator_benchmark(
+        OperatorBenchmarkArguments(**{**TINY, "device": "cpu:0"}, implementations=["native"])
+    )
     assert len(report["results"]) == 6 and report["skipped"] == [] and calls  # the rewrites' forward rows
     report = run_operator_benchmark(OperatorBenchmarkArguments(**TINY, implementations=["native"], dtype="bfloat16"))
     assert report["results"] == [] and report["skipped"] == [
