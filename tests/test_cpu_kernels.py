@@ -348,3 +348,16 @@ def test_a_missing_source_falls_back_with_a_warning(fresh_build, monkeypatch):
         cpu_kernels.load()
     with pytest.warns(RuntimeWarning, match="Using the fused PyTorch operators instead"), torch.no_grad():
         perturbed_model("ddl-scalar")(torch.tensor([[5, 6, 7]]))
+
+
+def test_results_are_float32_cpu_tensors_whatever_the_default_dtype():
+    state, weight = channel_major_state(1, 2, 8, 3), torch.randn(8, 3)
+    expected = channel_mix(state, weight)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = cpu_kernels.channel_mix(state, weight)
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
