@@ -21,7 +21,14 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
-_POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
+_POINTER, _SIZE, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {  # the C functions' arguments, in order
+    "ddl_rewrite": [_POINTER] * 5 + [_SIZE] * 3 + [_FLOAT, _INT, _INT],
+    "ddl_projected_rewrite": [_POINTER] * 8 + [_SIZE] * 3 + [_FLOAT, _INT, _INT, _FLOAT, _INT],
+    "ddl_channel_mix": [_POINTER] * 3 + [_SIZE] * 3 + [_INT],
+    "ddl_token_mix_step": [_POINTER] * 5 + [_SIZE] * 8,
+    "ddl_expansion_step": [_POINTER] * 3 + [_SIZE] * 4,
+}
 
 
 class KernelBuildError(RuntimeError):
@@ -75,16 +82,9 @@ def load() -> ctypes.CDLL:
             f"set `CC`) and a writable cache folder (set DDL_TRANSFORMERS_CACHE to choose one).{stale} Without them, "
             "`delta_ops.set_implementation('fused')` runs the same model with PyTorch operators."
         ) from error
-    library.ddl_rewrite.argtypes = [_POINTER] * 5 + [_SIZE] * 3 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    library.ddl_projected_rewrite.argtypes = (
-        [_POINTER] * 8 + [_SIZE] * 3 + [ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
-    )
-    library.ddl_channel_mix.argtypes = [_POINTER] * 3 + [_SIZE] * 3 + [ctypes.c_int]
-    library.ddl_token_mix_step.argtypes = [_POINTER] * 5 + [_SIZE] * 8
-    library.ddl_expansion_step.argtypes = [_POINTER] * 3 + [_SIZE] * 4
-    kernels = ("ddl_rewrite", "ddl_projected_rewrite", "ddl_channel_mix", "ddl_token_mix_step", "ddl_expansion_step")
-    for name in kernels:
-        getattr(library, name).restype = None
+    for name, argtypes in _SIGNATURES.items():
+        kernel = getattr(library, name)
+        kernel.argtypes, kernel.restype = argtypes, None
     return library
 
 
@@ -140,9 +140,9 @@ def _sizes(state: torch.Tensor, direction: torch.Tensor) -> tuple[int, int, int]
 def rewrite(
     state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float, erase: bool
 ) -> torch.Tensor | None:
-    """The rewrite without autograd in one call, or None where the kernel does not apply (see `_applies`). Shapes as
-    in `delta_ops` (already checked there): state `(..., d)` or `(..., d, d_v)`, direction `(..., d)`, target
-    `(..., d_v)`, beta `(..., 1)`. An expanded result is channel-major, like its input."""
+    """The rewrite without autograd in one call, or None where the kernel does not apply (see `_applies`; other
+    shapes than state `(..., d)` or `(..., d, d_v)`, direction `(..., d)`, target `(..., d_v)`, beta `(..., 1)`). An
+    expanded result is channel-major, like its input."""
     target, beta = target.contiguous(), beta.contiguous()
     if not _applies(state, direction, target, beta):
         return None

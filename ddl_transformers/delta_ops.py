@@ -92,14 +92,16 @@ def _native_module() -> ModuleType | None:
     return module
 
 
-def _native_for(tensor: torch.Tensor) -> ModuleType | None:
-    """The C kernels when chosen and usable: a CPU tensor outside `torch.compile` and TorchScript tracing, functorch
-    transforms (`vmap`, `grad`, `jvp`) and forward-mode AD (none of them can see into a C call); else None."""
+def _native(kernel: str, tensor: torch.Tensor, *args) -> torch.Tensor | None:
+    """`cpu_kernels.<kernel>(*args)` when the C kernels are chosen and usable for `tensor`: a CPU tensor outside
+    `torch.compile` and TorchScript tracing, functorch transforms (`vmap`, `grad`, `jvp`) and forward-mode AD (none of
+    them can see into a C call); else None, as where the kernel does not take these inputs."""
     if _implementation != "native" or not tensor.is_cpu or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return None
     if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return None
-    return _native_module()
+    module = _native_module()
+    return None if module is None else getattr(module, kernel)(*args)
 
 
 def _triton_kernels(state: torch.Tensor, direction: torch.Tensor) -> ModuleType | None:
@@ -369,10 +371,11 @@ def projected_rewrite(
     Decoding a token then costs one call per sublayer instead of about fifteen PyTorch operations."""
     if _needs_grad(state, direction, context, value_proj, gate_proj):
         return None
-    native = _native_for(state)
-    if native is None or torch.is_autocast_enabled("cpu"):  # autocast would make the projections bfloat16
+    if torch.is_autocast_enabled("cpu"):  # autocast would make the projections bfloat16
         return None
-    return native.projected_rewrite(
+    return _native(
+        "projected_rewrite",
+        state,
         state,
         direction,
         context,
@@ -408,8 +411,7 @@ def _fused_rewrite(
     if not (needs_grad and torch.is_grad_enabled()):
         if kernels is not None:
             return kernels.rewrite_forward(state, direction, target, beta, eps, erase, save=False)[0]
-        native = _native_for(state)
-        new_state = None if native is None else native.rewrite(state, direction, target, beta, eps, erase)
+        new_state = _native("rewrite", state, state, direction, target, beta, eps, erase)
         if new_state is not None:
             return new_state
         return _rewrite_without_grad(state, direction, target, beta, eps, erase)
@@ -469,8 +471,7 @@ def fused_channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     instead: there, every extra operation costs more than the pass over the state."""
     if torch.is_grad_enabled() and (state.requires_grad or weight.requires_grad):
         return _FusedChannelMix.apply(state, weight)
-    native = _native_for(state)
-    mixed = None if native is None else native.channel_mix(state, weight)
+    mixed = _native("channel_mix", state, state, weight)
     if mixed is not None:
         return mixed
     weight = _cast(weight, state.dtype)
@@ -576,8 +577,7 @@ def fused_token_mix(
     backward; with the Triton implementation, the convolution and its backward are Triton kernels. One decoded token
     is a single multiply-and-sum over its window instead."""
     if history is not None and states.shape[1] == 1 and not _needs_grad(states, conv_weight, read, history):
-        native = _native_for(states)  # decoding: the window's read in one call
-        mixed = None if native is None else native.token_mix_step(states, conv_weight, read, history)
+        mixed = _native("token_mix_step", states, states, conv_weight, read, history)  # decoding: one call
         if mixed is not None:
             return mixed
     kernel_size, hidden, value_channels = conv_weight.shape[-1], states.shape[-2], states.shape[-1]
@@ -653,8 +653,7 @@ def fused_expand_embeddings(window: torch.Tensor, conv_weight: torch.Tensor) -> 
         return _FusedExpansion.apply(window, conv_weight)
     hidden, kernel_size = window.shape[-1], conv_weight.shape[-1]
     if window.shape[1] == kernel_size:  # one token (decoding): one multiply and sum over its window
-        native = _native_for(window)
-        expanded = None if native is None else native.expansion_step(window, conv_weight)
+        expanded = _native("expansion_step", window, window, conv_weight)
         if expanded is not None:
             return expanded
         taps = _cast(conv_weight, window.dtype).view(hidden, -1, kernel_size).permute(2, 1, 0)  # (K, d_v, d)
