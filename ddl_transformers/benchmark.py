@@ -91,8 +91,8 @@ class BenchmarkArguments:
     implementation: str = field(
         default=delta_ops.DEFAULT_IMPLEMENTATION,
         metadata={
-            "help": "DDL operators: native (default: the fused ones, with C kernels for the rewrite and CC's read "
-            "without autograd on float32 CPU tensors), fused (PyTorch only), reference (the plain autograd code) or "
+            "help": "DDL operators: native (default: the fused ones, with C kernels for their paths without "
+            "autograd on float32 CPU tensors), fused (PyTorch only), reference (the plain autograd code) or "
             "triton (the fused ones with the rewrite as Triton kernels on CUDA)."
         },
     )

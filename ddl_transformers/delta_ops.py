@@ -33,9 +33,9 @@ _implementation = DEFAULT_IMPLEMENTATION
 
 
 def set_implementation(name: str) -> None:
-    """Choose the operators used by the model: `"native"` (default: the fused operators, with the rewrite without
-    autograd as a C kernel on float32 CPU tensors, see `cpu_kernels.py`; the fused operators where that kernel cannot
-    be built), `"fused"` (PyTorch operators only), `"reference"`, or `"triton"` (the fused operators with the rewrite
+    """Choose the operators used by the model: `"native"` (default: the fused operators, with their paths without
+    autograd on float32 CPU tensors as C kernels, see `cpu_kernels.py`; the fused operators where those cannot be
+    built), `"fused"` (PyTorch operators only), `"reference"`, or `"triton"` (the fused operators with the rewrite
     and TC's token convolution as Triton kernels on CUDA tensors; needs Triton and the installed package)."""
     global _implementation
     if name not in IMPLEMENTATIONS:
