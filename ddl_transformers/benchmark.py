@@ -197,7 +197,8 @@ class _Runner:
         preset, self.implementation = split_variant(name, args.implementation)
         self.model = build_model(preset, args)
         self.parameters = self.model.num_parameters()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        # the Trainer's default optimiser (`optim="adamw_torch_fused"`): one fused call for every parameter
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.forward = torch.compile(self.model) if args.compile else self.model
         # with a static cache, decode steps compiled apart with fixed shapes (the prompt's prefill eager), as `generate`
         # does; a dynamic cache grows every step, so its steps need the model compiled with dynamic shapes

@@ -4,6 +4,7 @@
  * state + (t * channels + j) * hidden. A scalar state is the case channels == 1. Outputs may not alias inputs.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 static float dot(const float *a, const float *b, int64_t n)
@@ -43,6 +44,87 @@ void ddl_rewrite(const float *state, const float *direction, const float *target
                       out + t * channels * hidden, hidden, channels, eps, erase);
 }
 
+/* The rewrite of every token for training: also writes what backward and the state tape need, per token
+ * `scale` (tokens,), and per token and channel `read` (scale * h . X_j, erase only), `error` (v_j - read_j) and
+ * `coef` (c_j). */
+void ddl_rewrite_forward(const float *state, const float *direction, const float *target, const float *beta,
+                         float *out, float *scale_out, float *read_out, float *error_out, float *coef_out,
+                         int64_t tokens, int64_t hidden, int64_t channels, float eps, int erase, int threads)
+{
+#pragma omp parallel for num_threads(threads) if (threads > 1 && tokens >= 32) schedule(static)
+    for (int64_t t = 0; t < tokens; ++t) {
+        const float *h = direction + t * hidden, *x = state + t * channels * hidden;
+        float *y = out + t * channels * hidden;
+        const float scale = 1.0f / sqrtf(dot(h, h, hidden) + eps * eps);
+        scale_out[t] = scale;
+        for (int64_t j = 0; j < channels; ++j, x += hidden, y += hidden) {
+            const int64_t tj = t * channels + j;
+            float error = target[tj];
+            if (erase) {
+                read_out[tj] = dot(h, x, hidden) * scale;
+                error -= read_out[tj];
+            }
+            const float coef = error * beta[t] * scale;
+            error_out[tj] = error;
+            coef_out[tj] = coef;
+#pragma omp simd
+            for (int64_t i = 0; i < hidden; ++i)
+                y[i] = x[i] + coef * h[i];
+        }
+    }
+}
+
+/* The rewrite's backward for every token, from the upstream gradient G (the state's layout) and what the forward
+ * saved (`state` and `read` are only read to erase). With k_grad_j = scale * h . G_j and w_j = beta * error_j:
+ *   dv_j = beta * k_grad_j,  dbeta = sum_j error_j * k_grad_j,
+ *   dh = scale * (sum_j w_j G_j - sum_j dv_j X_j) - scale^2 * (sum_j w_j k_grad_j - sum_j dv_j read_j) h,
+ *   dX_j = G_j - scale * dv_j h  (erase, unless grad_state is NULL; the write-only control passes G on unchanged). */
+void ddl_rewrite_backward(const float *grad, const float *state, const float *direction, const float *scale_in,
+                          const float *beta, const float *read, const float *error, float *grad_state, float *grad_h,
+                          float *grad_target, float *grad_beta, int64_t tokens, int64_t hidden, int64_t channels,
+                          int erase, int threads)
+{
+#pragma omp parallel for num_threads(threads) if (threads > 1 && tokens >= 32) schedule(static)
+    for (int64_t t = 0; t < tokens; ++t) {
+        const float *h = direction + t * hidden, *g = grad + t * channels * hidden;
+        const float scale = scale_in[t], b = beta[t];
+        float *dh = grad_h + t * hidden, d_beta = 0.0f, k_dot = 0.0f;
+        for (int64_t i = 0; i < hidden; ++i)
+            dh[i] = 0.0f;
+        for (int64_t j = 0; j < channels; ++j) {
+            const int64_t tj = t * channels + j;
+            const float *g_j = g + j * hidden;
+            const float k_grad = dot(h, g_j, hidden) * scale, dv = b * k_grad, w = b * error[tj];
+            grad_target[tj] = dv;
+            d_beta += error[tj] * k_grad;
+            k_dot += w * k_grad;
+            if (erase) {
+                const float *x_j = state + (t * channels + j) * hidden;
+                k_dot -= dv * read[tj];
+#pragma omp simd
+                for (int64_t i = 0; i < hidden; ++i)
+                    dh[i] += w * g_j[i] - dv * x_j[i];
+                if (grad_state) {
+                    float *dx_j = grad_state + (t * channels + j) * hidden;
+                    const float write = scale * dv;
+#pragma omp simd
+                    for (int64_t i = 0; i < hidden; ++i)
+                        dx_j[i] = g_j[i] - write * h[i];
+                }
+            } else {
+#pragma omp simd
+                for (int64_t i = 0; i < hidden; ++i)
+                    dh[i] += w * g_j[i];
+            }
+        }
+        const float h_coef = k_dot * scale * scale;
+#pragma omp simd
+        for (int64_t i = 0; i < hidden; ++i)
+            dh[i] = dh[i] * scale - h_coef * h[i];
+        grad_beta[t] = d_beta;
+    }
+}
+
 /* The rewrite of every token with its target and gate computed from the context c (tokens, hidden) first:
  *   v_j = W_v[j] . c + b_v[j]  (then value_scale * sigmoid(v_j) if value_sigmoid),  beta = 2 sigmoid(w_g . c + b_g).
  * `value_bias` may be NULL; at most 64 channels. */
@@ -80,6 +162,51 @@ void ddl_channel_mix(const float *state, const float *weight, float *out, int64_
             y[i] = sum;
         }
     }
+}
+
+/* The backward of CC's read, from its gradient g (tokens, hidden) and the weight as rows (channels, hidden):
+ *   dX_j[i] = g[i] w[i][j]  (channel-major; skipped if grad_state is NULL),
+ *   dw[i][j] = sum over tokens of g[i] X_j[i]  (skipped if grad_weight is NULL; `partial` holds threads * hidden *
+ *   channels doubles, one sum per thread, added up at the end). */
+void ddl_channel_mix_backward(const float *grad, const float *state, const float *weight_rows, float *grad_state,
+                              float *grad_weight, double *partial, int64_t tokens, int64_t hidden, int64_t channels,
+                              int threads)
+{
+    const int64_t size = hidden * channels;
+    if (threads < 1 || tokens < 32)
+        threads = 1;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t part = 0; part < threads; ++part) {
+        double *sum = grad_weight ? partial + part * size : NULL;
+        for (int64_t k = 0; sum && k < size; ++k)
+            sum[k] = 0.0;
+        for (int64_t t = tokens * part / threads; t < tokens * (part + 1) / threads; ++t) {
+            const float *g = grad + t * hidden;
+            for (int64_t j = 0; j < channels; ++j) {
+                const float *x = state + (t * channels + j) * hidden, *w = weight_rows + j * hidden;
+                if (grad_state) {
+                    float *dx = grad_state + (t * channels + j) * hidden;
+#pragma omp simd
+                    for (int64_t i = 0; i < hidden; ++i)
+                        dx[i] = g[i] * w[i];
+                }
+                if (grad_weight) {
+                    double *dw = sum + j * hidden;
+#pragma omp simd
+                    for (int64_t i = 0; i < hidden; ++i)
+                        dw[i] += (double)(g[i] * x[i]);
+                }
+            }
+        }
+    }
+    if (grad_weight)
+        for (int64_t i = 0; i < hidden; ++i)
+            for (int64_t j = 0; j < channels; ++j) {
+                double total = 0.0;
+                for (int64_t part = 0; part < threads; ++part)
+                    total += partial[part * size + j * hidden + i];
+                grad_weight[i * channels + j] = (float)total;
+            }
 }
 
 /* TC's read of one new token per sequence, from its window: the K - 1 states before it (`history`, element

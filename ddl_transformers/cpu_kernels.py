@@ -1,5 +1,6 @@
 """DDL's CPU kernels: the rewrite without autograd (decoding, prefill and evaluation without gradients) as one C call
-instead of about ten PyTorch operations, each of which costs microseconds to dispatch when a token is decoded.
+instead of about ten PyTorch operations, each of which costs microseconds to dispatch when a token is decoded; and,
+for training, the rewrite's forward and backward and the backward of CC's read, one pass over the state each.
 
 Chosen by `delta_ops.set_implementation("native")` (the default) for float32 CPU tensors; everything else keeps the
 fused PyTorch operators. The C source (`cpu_kernels.c`, next to this file) is compiled on first use with the system's
@@ -19,13 +20,18 @@ from pathlib import Path
 
 import torch
 
+from .delta_ops import _empty_channel_major
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 _POINTER, _SIZE, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {  # the C functions' arguments, in order
     "ddl_rewrite": [_POINTER] * 5 + [_SIZE] * 3 + [_FLOAT, _INT, _INT],
+    "ddl_rewrite_forward": [_POINTER] * 9 + [_SIZE] * 3 + [_FLOAT, _INT, _INT],
+    "ddl_rewrite_backward": [_POINTER] * 11 + [_SIZE] * 3 + [_INT, _INT],
     "ddl_projected_rewrite": [_POINTER] * 8 + [_SIZE] * 3 + [_FLOAT, _INT, _INT, _FLOAT, _INT],
     "ddl_channel_mix": [_POINTER] * 3 + [_SIZE] * 3 + [_INT],
+    "ddl_channel_mix_backward": [_POINTER] * 6 + [_SIZE] * 3 + [_INT],
     "ddl_token_mix_step": [_POINTER] * 5 + [_SIZE] * 8,
     "ddl_expansion_step": [_POINTER] * 3 + [_SIZE] * 4,
 }
@@ -130,6 +136,11 @@ def _pointers(*tensors: torch.Tensor) -> tuple[int, ...]:
     return tuple(tensor.data_ptr() for tensor in tensors)
 
 
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    """A tensor's data pointer, or NULL for None."""
+    return None if tensor is None else tensor.data_ptr()
+
+
 def _sizes(state: torch.Tensor, direction: torch.Tensor) -> tuple[int, int, int]:
     """`(tokens, d, d_v)` of a state `(..., d)` or `(..., d, d_v)` and its direction `(..., d)`."""
     hidden = direction.shape[-1]
@@ -154,6 +165,90 @@ def rewrite(
     pointers = _pointers(state, direction, target, beta, out)
     load().ddl_rewrite(*pointers, tokens, hidden, channels, eps, int(erase), threads)
     return out
+
+
+def takes_rewrite(state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor) -> bool:
+    """Whether `rewrite_forward` takes these inputs (see `_applies`): target `(..., d_v)` and gate `(..., 1)` with the
+    direction's tokens."""
+    if not _applies(state, direction, target, beta):
+        return False
+    _, _, channels = _sizes(state, direction)
+    lead = direction.shape[:-1]
+    return target.shape == (*lead, channels) and beta.shape == (*lead, 1)
+
+
+def rewrite_forward(
+    state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float, erase: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """The rewrite for training (inputs that `takes_rewrite`) in one pass over the state, with what the fused
+    backward and the state tape need, laid out as `delta_ops._rewrite_forward` lays them out: the new state, the
+    input state's channels, `h`, `beta`, and per token `scale`, `read` (None without the erase term), `error` and
+    `coef`. A scalar state keeps its leading shape; an expanded one is flattened to rows `(N, d_v)` (the channels
+    `(N, d_v, d)`), and its new state is channel-major."""
+    tokens, hidden, channels = _sizes(state, direction)
+    if state.dim() == direction.dim():
+        per_token = (*direction.shape[:-1], 1)
+        new_state = torch.empty_like(state)
+    else:
+        per_token = (tokens, channels)
+        new_state = _empty_channel_major(state.shape, state)
+        state = state.transpose(-1, -2).reshape(tokens, channels, hidden)  # a view: the state is channel-major
+        direction, target, beta = direction.reshape(tokens, hidden), target.reshape(per_token), beta.reshape(-1, 1)
+    scale = _empty_float32(*per_token[:-1], 1)
+    read = _empty_float32(*per_token) if erase else None
+    error, coef = _empty_float32(*per_token), _empty_float32(*per_token)
+    pointers = (*_pointers(state, direction, target, beta, new_state, scale), _pointer(read), *_pointers(error, coef))
+    threads = torch.get_num_threads()
+    load().ddl_rewrite_forward(*pointers, tokens, hidden, channels, eps, int(erase), threads)
+    return new_state, state, direction, beta, scale, read, error, coef
+
+
+def rewrite_backward(
+    grad_out: torch.Tensor,
+    scalar: bool,
+    channels: torch.Tensor | None,
+    h: torch.Tensor,
+    beta: torch.Tensor,
+    scale: torch.Tensor,
+    read: torch.Tensor | None,
+    error: torch.Tensor,
+    state_grad: bool = True,
+) -> tuple[torch.Tensor | None, ...] | None:
+    """The rewrite's backward in one pass, from what `rewrite_forward` saved (`channels` None without the erase
+    term): the gradient of the state (`grad_out` itself without the erase term; channel-major if expanded; None if
+    not `state_grad`), and those of `h`, the target and the gate, laid out as the saved tensors. None where a tensor
+    is not as `rewrite_forward` left it (a saved-tensor hook may have changed it) or `grad_out` is not a plain float32
+    CPU tensor of the state's size: the caller then runs the eager backward."""
+    hidden = h.shape[-1] if h.dim() else 0
+    value_channels = 1 if scalar else error.shape[-1]
+    tokens = h.numel() // hidden if hidden else 0
+    erase = channels is not None
+    saved = [h, beta, scale, error] + ([channels, read] if erase else [])
+    sizes = [tokens * hidden, tokens, tokens, tokens * value_channels]
+    sizes += [tokens * value_channels * hidden, tokens * value_channels] if erase else []
+    if any(
+        t is None or not (_plain_float32_cpu(t) and t.is_contiguous()) or t.numel() != n for t, n in zip(saved, sizes)
+    ):
+        return None
+    if not _plain_float32_cpu(grad_out) or grad_out.numel() != tokens * value_channels * hidden:
+        return None
+    if not scalar and (grad_out.dim() < 2 or grad_out.shape[-2:] != (hidden, value_channels)):
+        return None
+    grad = grad_out if scalar else grad_out.transpose(-1, -2).reshape(tokens, value_channels, hidden)
+    grad = grad.contiguous()  # channel-major rows (a copy only if the layout differs)
+    grad_state = grad_out if not erase else None
+    if erase and state_grad:
+        grad_state = _empty_float32(*grad_out.shape) if scalar else _empty_channel_major(grad_out.shape, grad_out)
+    grad_h, grad_target, grad_beta = (
+        _empty_float32(*h.shape),
+        _empty_float32(*error.shape),
+        _empty_float32(*beta.shape),
+    )
+    pointers = _pointers(grad, *(channels, h, scale, beta) if erase else (grad, h, scale, beta))
+    pointers += (_pointer(read), *_pointers(error), _pointer(grad_state if erase else None))
+    pointers += _pointers(grad_h, grad_target, grad_beta)
+    load().ddl_rewrite_backward(*pointers, tokens, hidden, value_channels, int(erase), torch.get_num_threads())
+    return grad_state, grad_h, grad_target, grad_beta
 
 
 def projected_rewrite(
@@ -185,8 +280,7 @@ def projected_rewrite(
     if channels > MAX_CHANNELS or not shapes_match:
         return None
     out = torch.empty_like(state)
-    value_bias_pointer = None if value_bias is None else value_bias.data_ptr()
-    pointers = (*_pointers(state, direction, context, value_weight), value_bias_pointer)
+    pointers = (*_pointers(state, direction, context, value_weight), _pointer(value_bias))
     pointers += _pointers(gate_weight, gate_bias, out)
     value_sigmoid, value_scale = int(value_scale is not None), 1.0 if value_scale is None else value_scale
     load().ddl_projected_rewrite(
@@ -211,6 +305,28 @@ def channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | Non
         state.data_ptr(), weight.data_ptr(), out.data_ptr(), tokens, hidden, channels, torch.get_num_threads()
     )
     return out
+
+
+def channel_mix_backward(
+    grad_out: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, state_grad: bool, weight_grad: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """The gradients of CC's read `channel_mix(state, weight)` (state and weight as `channel_mix` takes them) from
+    `grad_out` `(..., d)` in one pass: the state's (channel-major; None unless `state_grad`) and the weight's (None
+    unless `weight_grad`). None where the kernel does not apply."""
+    if weight.dim() != 2 or state.shape[-2:] != weight.shape or grad_out.shape != state.shape[:-1]:
+        return None
+    if not all(_plain_float32_cpu(tensor) for tensor in (grad_out, state, weight)) or not state.mT.is_contiguous():
+        return None
+    hidden, channels = weight.shape
+    tokens = grad_out.numel() // hidden if hidden else 0
+    threads = torch.get_num_threads()
+    grad_state = _empty_channel_major(state.shape, state) if state_grad else None
+    grad_weight = _empty_float32(hidden, channels) if weight_grad else None
+    partial = torch.empty(threads, channels, hidden, dtype=torch.float64) if weight_grad else None  # sums
+    grad, weight_rows = grad_out.contiguous(), weight.t().contiguous()  # (d_v, d)
+    pointers = (*_pointers(grad, state, weight_rows), _pointer(grad_state), _pointer(grad_weight), _pointer(partial))
+    load().ddl_channel_mix_backward(*pointers, tokens, hidden, channels, threads)
+    return grad_state, grad_weight
 
 
 def token_mix_step(

@@ -300,7 +300,7 @@ def _rewrite_without_grad(
 class _FusedRewrite(torch.autograd.Function):
     """The rewrite as one node. Saves the input state (only to erase), `h` and per-token scalars; also returns the
     weights `c` of `X + h c^T` (not differentiable), with which a `StateTape` can undo the rewrite. `kernels`: the
-    Triton module (`triton_rewrite`) doing both passes, or None for the eager code."""
+    module doing both passes, Triton's (`triton_rewrite`) or C's (`cpu_kernels`), or None for the eager code."""
 
     @staticmethod
     def forward(ctx, state, direction, target, beta, eps: float, erase: bool, kernels: ModuleType | None):
@@ -322,14 +322,16 @@ class _FusedRewrite(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_coef):
-        if ctx.kernels is not None:
-            channels, h, scale, beta, read, error = ctx.saved_tensors
-            grad_state, *grads = ctx.kernels.rewrite_backward(
-                grad_out, ctx.scalar, channels, h, beta, scale, read, error
-            )
-        else:
+        channels, h, scale, beta, read, error = ctx.saved_tensors
+        saved, grads = (ctx.scalar, channels, h, beta, scale, read, error), None
+        if ctx.kernels is not None and ctx.kernels is not _native_module():  # Triton
+            grads = ctx.kernels.rewrite_backward(grad_out, *saved)
+        elif ctx.kernels is not None:  # C, where it still applies (not under compiled autograd, for instance)
+            grads = _native("rewrite_backward", grad_out, grad_out, *saved, ctx.needs_input_grad[0])
+        if grads is None:  # no kernels, or the C backward does not take these tensors
             with _autocast_off(grad_out.device):
-                grad_state, *grads = _FusedRewrite._backward(ctx, grad_out)
+                grads = _FusedRewrite._backward(ctx, grad_out)
+        grad_state, *grads = grads
         grads = [g.reshape(shape).to(dtype) for g, (shape, dtype) in zip(grads, ctx.inputs)]
         return grad_state if ctx.needs_input_grad[0] else None, *grads, None, None, None
 
@@ -337,7 +339,7 @@ class _FusedRewrite(torch.autograd.Function):
     def _backward(ctx, grad_out):
         """The eager backward: the gradients of the state, `h`, the target and the gate (the last three as rows)."""
         channels, h, scale, beta, read, error = ctx.saved_tensors
-        grad = grad_out if grad_out.dim() == h.dim() else _flat(grad_out)
+        grad = grad_out if ctx.scalar else _flat(grad_out)  # an unbatched expanded state has the rows' rank
         grad_wide, h_wide = _wide(grad), _wide(h)
         k_grad = _read(grad_wide, h_wide).mul_(scale)  # k^T G, (..., d_v)
         grad_target, grad_beta = beta * k_grad, (error * k_grad).sum(-1, keepdim=True)
@@ -415,6 +417,8 @@ def _fused_rewrite(
         if new_state is not None:
             return new_state
         return _rewrite_without_grad(state, direction, target, beta, eps, erase)
+    if kernels is None and _native("takes_rewrite", state, state, direction, target, beta):
+        kernels = _native_module()  # training on the CPU: the C forward and backward
     new_state, coef = _FusedRewrite.apply(state, direction, target, beta, eps, erase, kernels)
     record_rewrite(new_state, state, direction, coef.view(*lead, coef.shape[-1]))  # -1: ambiguous if empty
     return new_state
@@ -448,12 +452,16 @@ class _FusedChannelMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state, weight):
         ctx.save_for_backward(state, weight)
-        return _mix_channels(state, weight.to(state.dtype))
+        mixed = _native("channel_mix", state, state, weight)
+        return mixed if mixed is not None else _mix_channels(state, weight.to(state.dtype))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         state, weight = ctx.saved_tensors
+        grads = _native("channel_mix_backward", state, grad_out, state, weight, *ctx.needs_input_grad)
+        if grads is not None:
+            return grads
         grad_state = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_state = _empty_channel_major(state.shape, grad_out)

@@ -279,9 +279,23 @@ class DDLDeltaResidual(nn.Module):
         return self._target(context, _wide(context))
 
     def target_and_gate(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`target(context)` and `gate(context)`, with the context widened once."""
+        """`target(context)` and `gate(context)`, with the context widened once; plain projections (see `_target`) and
+        no gate hidden layer as one product."""
         wide_context = _wide(context)
-        return self._target(context, wide_context), self.gate(wide_context)
+        value_proj, beta_proj = self.value_proj, self.beta_proj
+        if self.beta_hidden is not None or not (
+            _is_plain(value_proj, nn.Linear) and _is_plain(beta_proj, DDLGateProjection)
+        ):
+            return self._target(context, wide_context), self.gate(wide_context)
+        # one pass over the context, and in backward one context gradient instead of two to add
+        dtype, value_channels = wide_context.dtype, value_proj.out_features
+        value_bias = value_proj.bias if value_proj.bias is not None else beta_proj.bias.new_zeros(value_channels)
+        weight = _cast(torch.cat([value_proj.weight, beta_proj.weight]), dtype)  # (d_v + 1, d)
+        bias = _cast(torch.cat([value_bias, beta_proj.bias]), dtype)
+        value, logits = F.linear(wide_context, weight, bias).split([value_channels, 1], -1)
+        if self.value_activation == "sigmoid":
+            value = self.value_scale * torch.sigmoid(value)
+        return _wide(value).contiguous(), 2.0 * torch.sigmoid(logits)
 
     def _target(self, context: torch.Tensor, wide_context: torch.Tensor) -> torch.Tensor:
         """A plain value projection (`nn.Linear` without hooks) runs as one `F.linear` on the widened context, without

@@ -1,28 +1,50 @@
 """The C kernels of the native implementation (`cpu_kernels.py`): against the reference operators, inside the model
 (where they must run, and only where they apply), and when they cannot be built."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
 import pytest
 import torch
-from conftest import ALL_PRESETS, TEST_VOCAB, perturbed_model, tiny_config
+from conftest import ALL_PRESETS, TEST_VOCAB, logits_and_grads, perturbed_model, tiny_config
 
 from ddl_transformers import cpu_kernels, delta_ops
 from ddl_transformers.delta_ops import channel_mix, delta_update, expand_embeddings, token_mix, write_only_update
 from ddl_transformers.modeling_ddl import DDLDeltaResidual
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def two_threads():
     """Two threads, so that calls of 32 tokens or more take the kernels' OpenMP loop."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(2):
+        yield
+
+
+@pytest.fixture
+def three_threads():
+    """Three threads: 67 tokens do not split evenly over them."""
+    with torch_threads(3):
+        yield
+
+
+NO_GRAD_KERNELS = ("rewrite", "projected_rewrite", "channel_mix", "token_mix_step", "expansion_step")
+TRAINING_KERNELS = ("rewrite_forward", "rewrite_backward", "channel_mix_backward")
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch) -> dict[str, int]:
     """Counts the calls of each kernel that returned a result (a None means the kernel did not apply)."""
-    calls = dict.fromkeys(["rewrite", "projected_rewrite", "channel_mix", "token_mix_step", "expansion_step"], 0)
+    calls = dict.fromkeys([*NO_GRAD_KERNELS, *TRAINING_KERNELS], 0)
 
     def counting(name: str):
         kernel = getattr(cpu_kernels, name)
@@ -58,7 +80,8 @@ def channel_major_state(*shape: int) -> torch.Tensor:
 def rewrite_inputs(lead: tuple[int, ...], hidden: int, channels: int) -> list[torch.Tensor]:
     state = torch.randn(*lead, hidden) if channels == 1 else channel_major_state(*lead, hidden, channels)
     direction = torch.randn(*lead, hidden)
-    direction.view(-1, hidden)[0] = 0  # h = 0: k = 0, no NaN
+    if direction.numel():
+        direction.view(-1, hidden)[0] = 0  # h = 0: k = 0, no NaN
     return [state, direction, torch.randn(*lead, channels), 2 * torch.rand(*lead, 1)]
 
 
@@ -73,6 +96,114 @@ def test_rewrite_matches_the_reference(erase, lead, channels, two_threads):
     expected = reference(*(t.double() for t in (state, direction, target, beta)), 1e-5)
     assert got.stride() == state.stride()  # channel-major stays channel-major
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("erase", [True, False])
+@pytest.mark.parametrize("lead", [(1, 1), (0, 4), (3, 40), (1, 67)], ids=["one-token", "none", "120-tokens", "67"])
+@pytest.mark.parametrize("channels", [1, 4])
+def test_training_rewrite_matches_the_reference(erase, lead, channels, three_threads, kernel_calls):
+    torch.manual_seed(0)
+    inputs = [tensor.requires_grad_() for tensor in rewrite_inputs(lead, 24, channels)]
+    grad_out = torch.randn(inputs[0].shape[::-1]).permute(*range(inputs[0].dim() - 1, -1, -1))  # any layout
+    fused = delta_ops.fused_delta_update if erase else delta_ops.fused_write_only_update
+    out = fused(*inputs)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    assert kernel_calls["rewrite_forward"] == kernel_calls["rewrite_backward"] == 1
+    assert out.stride() == inputs[0].stride()  # channel-major stays channel-major
+    reference = delta_update if erase else write_only_update
+    wide = [tensor.detach().double().requires_grad_() for tensor in inputs]
+    expected = reference(*wide, 1e-5)
+    expected_grads = torch.autograd.grad(expected, wide, grad_out.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for grad, expected_grad, tensor in zip(grads, expected_grads, inputs):
+        assert grad.shape == tensor.shape and grad.dtype == torch.float32
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("erase", [True, False])
+@pytest.mark.parametrize("channels", [1, 4])
+def test_the_eager_backward_runs_where_the_c_backward_does_not_apply(erase, channels, monkeypatch):
+    torch.manual_seed(0)
+    fused = delta_ops.fused_delta_update if erase else delta_ops.fused_write_only_update
+    inputs = [tensor.requires_grad_() for tensor in rewrite_inputs((2, 5), 24, channels)]
+    grad_out = torch.randn(inputs[0].shape)
+    expected = torch.autograd.grad(fused(*inputs), inputs, grad_out)
+    rows, h, scale, beta, read, error = fused(*inputs).grad_fn.saved_tensors
+    assert cpu_kernels.rewrite_backward(grad_out.double(), channels == 1, rows, h, beta, scale, read, error) is None
+    monkeypatch.setattr(cpu_kernels, "rewrite_backward", lambda *args: None)
+    for grad, expected_grad in zip(torch.autograd.grad(fused(*inputs), inputs, grad_out), expected):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", ["saved-tensor hook", "compiled autograd"])
+def test_the_c_backward_steps_aside_where_it_cannot_run(setting, kernel_calls):
+    torch.manual_seed(0)
+    inputs = [tensor.requires_grad_() for tensor in rewrite_inputs((2, 5), 24, 3)]
+    grad_out = torch.randn(inputs[0].shape)
+    expected = torch.autograd.grad(delta_ops.fused_delta_update(*inputs), inputs, grad_out)
+    kernel_calls["rewrite_backward"] = 0
+    forward_context, backward_context = nullcontext(), nullcontext()
+    if setting == "saved-tensor hook":  # gives back the same values with other strides
+
+        def other_layout(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if tensor.dim() < 2 else tensor.mT.contiguous().mT
+
+        forward_context = torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, other_layout)
+    else:  # Dynamo traces the backward: no C call can be in it
+        torch._dynamo.reset()
+        backward_context = torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager"))
+    with forward_context:
+        out = delta_ops.fused_delta_update(*inputs)
+    with backward_context:
+        (out * grad_out).sum().backward()
+    for tensor, expected_grad in zip(inputs, expected):
+        torch.testing.assert_close(tensor.grad, expected_grad, rtol=1e-5, atol=1e-6)
+    assert kernel_calls["rewrite_backward"] == 0
+
+
+@pytest.mark.parametrize("needs_grad", ["both", "state", "weight"])
+@pytest.mark.parametrize("lead", [(1, 1), (0, 3), (2, 33), (1, 67)], ids=["one-token", "none", "66-tokens", "67"])
+def test_channel_mix_backward_matches_the_reference(needs_grad, lead, three_threads, kernel_calls):
+    torch.manual_seed(0)
+    tensors = {"state": channel_major_state(*lead, 24, 4), "weight": torch.randn(24, 4)}
+    names = ["state", "weight"] if needs_grad == "both" else [needs_grad]
+    inputs = [tensors[name].requires_grad_() for name in names]
+    out = delta_ops.fused_channel_mix(tensors["state"], tensors["weight"])
+    grad_out = torch.randn(out.shape)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    assert kernel_calls["channel_mix"] == kernel_calls["channel_mix_backward"] == 1
+    wide = {name: tensor.detach().double().requires_grad_() for name, tensor in tensors.items()}
+    expected = torch.autograd.grad(channel_mix(**wide), [wide[name] for name in names], grad_out.double())
+    for grad, expected_grad in zip(grads, expected):
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-5)
+    if "state" in names:
+        assert grads[0].mT.is_contiguous()  # channel-major, like the rewrite's state gradient
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
+@pytest.mark.parametrize("name", ALL_PRESETS)
+def test_native_training_matches_the_reference(name, checkpointing, kernel_calls, two_threads):
+    model = perturbed_model(name).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tokens = torch.randint(3, TEST_VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))  # 40 tokens a call
+    delta_ops.set_implementation("reference")
+    expected_logits, expected_grads = logits_and_grads(model, tokens)
+    delta_ops.set_implementation("native")
+    logits, grads = logits_and_grads(model, tokens)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    for param_name, grad in grads.items():
+        scale = expected_grads[param_name].abs().max().item()
+        expected_grad = expected_grads[param_name]
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=param_name)
+    config = model.config
+    delta = config.residual_mode != "additive"
+    forwards = (2 if checkpointing else 1) * 2 * config.num_hidden_layers * delta  # checkpointing runs it again
+    assert kernel_calls["rewrite_forward"] == forwards and kernel_calls["rewrite_backward"] == forwards // (
+        1 + checkpointing
+    )
+    channel_reads = 2 * config.num_hidden_layers * (config.state_compressor == "channel") + 1  # and the readout
+    assert kernel_calls["channel_mix_backward"] == channel_reads * config.expanded_state
 
 
 @pytest.mark.parametrize("lead", [(1, 1), (2, 33)], ids=["one-token", "66-tokens"])
@@ -200,7 +331,9 @@ def test_kernels_keep_out_of_autograd_and_of_hooked_projections(kernel_calls):
     state, direction = rewrite_inputs((1, 4), residual.value_proj.in_features, 4)[:2]
     context = torch.randn_like(direction)
     residual(state, direction, context).sum().backward()  # parameters need gradients: the autograd operators
-    assert residual.value_proj.weight.grad is not None and kernel_calls == dict.fromkeys(kernel_calls, 0)
+    assert residual.value_proj.weight.grad is not None
+    assert all(kernel_calls[name] == 0 for name in NO_GRAD_KERNELS)
+    assert kernel_calls["rewrite_forward"] == kernel_calls["rewrite_backward"] == 1  # in C inside the autograd node
     seen = []
     residual.value_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     with torch.no_grad():

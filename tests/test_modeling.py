@@ -244,6 +244,17 @@ def test_one_projection_gives_the_target_and_gate_and_follows_parameter_changes(
         assert not torch.allclose(after[1], before[1]) and not torch.allclose(after[0], before[0])
 
 
+def test_the_target_and_gate_stay_float32_under_autocast():
+    residual = perturbed_model("ddl-cc").model.layers[0].attn_residual
+    context = torch.randn(2, 3, residual.value_proj.in_features)
+    expected = residual.target(context), residual.gate(context)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, beta = residual.target_and_gate(context)
+    assert value.dtype == torch.float32 and value.is_contiguous()
+    torch.testing.assert_close(value, expected[0], rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(beta.float(), expected[1], rtol=3e-2, atol=3e-2)
+
+
 def test_a_hooked_or_wrapped_value_projection_is_called():
     residual = perturbed_model("ddl-cc").model.layers[0].mlp_residual
     context = torch.randn(2, 3, residual.value_proj.in_features)
