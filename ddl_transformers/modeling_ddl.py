@@ -279,15 +279,16 @@ class DDLDeltaResidual(nn.Module):
         return self._target(context, _wide(context))
 
     def target_and_gate(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`target(context)` and `gate(context)`, with the context widened once; plain projections (see `_target`) and
-        no gate hidden layer as one product."""
+        """`target(context)` and `gate(context)`, with the context widened once. With autograd, plain projections (see
+        `_target`) and no gate hidden layer are one product: backward then makes one context gradient instead of two
+        to add. Without autograd (decoding) the concatenation and split would cost more than the second product."""
         wide_context = _wide(context)
         value_proj, beta_proj = self.value_proj, self.beta_proj
-        if self.beta_hidden is not None or not (
-            _is_plain(value_proj, nn.Linear) and _is_plain(beta_proj, DDLGateProjection)
-        ):
+        joint = (
+            torch.is_grad_enabled() and _is_plain(value_proj, nn.Linear) and _is_plain(beta_proj, DDLGateProjection)
+        )
+        if self.beta_hidden is not None or not joint:
             return self._target(context, wide_context), self.gate(wide_context)
-        # one pass over the context, and in backward one context gradient instead of two to add
         dtype, value_channels = wide_context.dtype, value_proj.out_features
         value_bias = value_proj.bias if value_proj.bias is not None else beta_proj.bias.new_zeros(value_channels)
         weight = _cast(torch.cat([value_proj.weight, beta_proj.weight]), dtype)  # (d_v + 1, d)
