@@ -217,8 +217,11 @@ def rewrite_backward(
     """The rewrite's backward in one pass, from what `rewrite_forward` saved (`channels` None without the erase
     term): the gradient of the state (`grad_out` itself without the erase term; channel-major if expanded; None if
     not `state_grad`), and those of `h`, the target and the gate, laid out as the saved tensors. None where a tensor
-    is not as `rewrite_forward` left it (a saved-tensor hook may have changed it) or `grad_out` is not a plain float32
-    CPU tensor of the state's size: the caller then runs the eager backward."""
+    is not as `rewrite_forward` left it (a saved-tensor hook may have changed it), `grad_out` is not a plain float32
+    CPU tensor of the state's size, or the backward is traced (compiled autograd) or transformed (functorch): the
+    caller then runs the eager backward."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
     hidden = h.shape[-1] if h.dim() else 0
     value_channels = 1 if scalar else error.shape[-1]
     tokens = h.numel() // hidden if hidden else 0

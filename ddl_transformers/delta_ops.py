@@ -322,13 +322,13 @@ class _FusedRewrite(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_coef):
-        channels, h, scale, beta, read, error = ctx.saved_tensors
-        saved, grads = (ctx.scalar, channels, h, beta, scale, read, error), None
-        if ctx.kernels is not None and ctx.kernels is not _native_module():  # Triton
-            grads = ctx.kernels.rewrite_backward(grad_out, *saved)
-        elif ctx.kernels is not None:  # C, where it still applies (not under compiled autograd, for instance)
-            grads = _native("rewrite_backward", grad_out, grad_out, *saved, ctx.needs_input_grad[0])
-        if grads is None:  # no kernels, or the C backward does not take these tensors
+        grads = None
+        if ctx.kernels is not None:
+            channels, h, scale, beta, read, error = ctx.saved_tensors
+            grads = ctx.kernels.rewrite_backward(
+                grad_out, ctx.scalar, channels, h, beta, scale, read, error, state_grad=ctx.needs_input_grad[0]
+            )
+        if grads is None:  # no kernels, or the C backward does not take these tensors (see its docstring)
             with _autocast_off(grad_out.device):
                 grads = _FusedRewrite._backward(ctx, grad_out)
         grad_state, *grads = grads

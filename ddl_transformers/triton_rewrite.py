@@ -162,10 +162,11 @@ def rewrite_forward(
 
 def rewrite_backward(
     grad_out: torch.Tensor, scalar: bool, channels: torch.Tensor | None, h: torch.Tensor, beta: torch.Tensor,
-    scale: torch.Tensor, read: torch.Tensor | None, error: torch.Tensor,
+    scale: torch.Tensor, read: torch.Tensor | None, error: torch.Tensor, state_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The gradient of the state (`grad_out` itself without the erase term, i.e. when `channels`, the input state's
-    rows, is None), and float32 ones of `h` `(N, d)`, the target `(N, d_v)` and the gate `(N, 1)`."""
+    rows, is None), and float32 ones of `h` `(N, d)`, the target `(N, d_v)` and the gate `(N, 1)`. The state's
+    gradient is made even when `state_grad` is False (the C kernels' interface skips it then)."""
     grad = _as_rows(grad_out, scalar)
     rows, value_channels, hidden = grad.shape
     erase = channels is not None

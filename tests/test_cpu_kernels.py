@@ -130,9 +130,23 @@ def test_the_eager_backward_runs_where_the_c_backward_does_not_apply(erase, chan
     expected = torch.autograd.grad(fused(*inputs), inputs, grad_out)
     rows, h, scale, beta, read, error = fused(*inputs).grad_fn.saved_tensors
     assert cpu_kernels.rewrite_backward(grad_out.double(), channels == 1, rows, h, beta, scale, read, error) is None
-    monkeypatch.setattr(cpu_kernels, "rewrite_backward", lambda *args: None)
+    monkeypatch.setattr(cpu_kernels, "rewrite_backward", lambda *args, **kwargs: None)
     for grad, expected_grad in zip(torch.autograd.grad(fused(*inputs), inputs, grad_out), expected):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_the_c_backward_skips_a_state_gradient_nobody_needs(channels, kernel_calls):
+    torch.manual_seed(0)
+    state, *inputs = rewrite_inputs((2, 5), 24, channels)
+    inputs = [tensor.requires_grad_() for tensor in inputs]  # the state needs no gradient
+    grad_out = torch.randn(state.shape)
+    grads = torch.autograd.grad(delta_ops.fused_delta_update(state, *inputs), inputs, grad_out)
+    assert kernel_calls["rewrite_backward"] == 1
+    wide = [tensor.detach().double().requires_grad_() for tensor in inputs]
+    expected = torch.autograd.grad(delta_update(state.double(), *wide, 1e-5), wide, grad_out.double())
+    for grad, expected_grad in zip(grads, expected):
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("setting", ["saved-tensor hook", "compiled autograd"])
