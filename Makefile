@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup main test lint
+.PHONY: setup main test lint cpu-extension
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# optional: the CPU decoding kernels as a PyTorch C++ extension (about 30 s, once; used by every later process)
+cpu-extension: setup
+	$(BIN)/python -c "from ddl_transformers import cpu_kernels; cpu_kernels.build_extension(verbose=True)"

@@ -29,7 +29,7 @@ import transformers
 from torch._inductor import list_mode_options
 from transformers import Cache, CompileConfig, DynamicCache, StaticCache
 
-from . import delta_ops
+from . import cpu_kernels, delta_ops
 from .modeling_ddl import DDLForCausalLM
 from .presets import PRESETS, SIZES, preset_config
 
@@ -420,6 +420,7 @@ def environment() -> dict[str, Any]:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_extension": cpu_kernels.extension() is not None,  # the decoding kernels as C++ calls (else ctypes)
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,

@@ -15,14 +15,19 @@ import os
 import platform
 import shlex
 import subprocess
+import sys
 import tempfile
+import warnings
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from .delta_ops import _empty_channel_major
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
+EXTENSION_SOURCE = Path(__file__).with_name("cpu_extension.cpp")
+EXTENSION_VARIABLE = "DDL_TRANSFORMERS_CPU_EXTENSION"  # "1": build the C++ extension on first use; "0": never use it
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 _POINTER, _SIZE, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {  # the C functions' arguments, in order
@@ -92,6 +97,57 @@ def load() -> ctypes.CDLL:
         kernel = getattr(library, name)
         kernel.argtypes, kernel.restype = argtypes, None
     return library
+
+
+def extension_name() -> str:
+    """The C++ extension's module name: a hash of both sources, torch's and Python's versions and `$CXX`."""
+    parts = (SOURCE.read_bytes(), EXTENSION_SOURCE.read_bytes(), torch.__version__, sys.version, os.environ.get("CXX"))
+    return "ddl_cpu_extension_" + hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def _extension_dir() -> Path:
+    return cache_dir() / extension_name()
+
+
+def build_extension(verbose: bool = False) -> ModuleType:
+    """Build (once per source and torch version; about 30 s on 2 cores) and load the decoding kernels as a PyTorch C++
+    extension (`cpu_extension.cpp`, with `torch.utils.cpp_extension`: a C++ compiler, ninja and PyTorch's headers).
+    Once built into the cache folder it is used by itself in later processes; `DDL_TRANSFORMERS_CPU_EXTENSION=1`
+    builds it on first use, `=0` never uses it. Raises `KernelBuildError` with the cause and the fix."""
+    from torch.utils import cpp_extension
+
+    directory = _extension_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        return cpp_extension.load(
+            extension_name(),
+            [str(EXTENSION_SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_include_paths=[str(SOURCE.parent)],
+            build_directory=str(directory),
+            verbose=verbose,
+        )
+    except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as error:
+        raise KernelBuildError(
+            f"DDL's C++ extension could not be built or loaded ({error}). It needs a C++ compiler, ninja (`pip install "
+            f"ninja`) and PyTorch's headers, and a writable cache folder ({directory}). Without it the ctypes kernels "
+            f"run (set {EXTENSION_VARIABLE}=0 to stop trying)."
+        ) from error
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """The C++ extension where it is wanted: already built into the cache folder, or requested with
+    `DDL_TRANSFORMERS_CPU_EXTENSION=1` (then built now); else, or with a warning where that fails, None (the ctypes
+    calls run)."""
+    requested = os.environ.get(EXTENSION_VARIABLE)
+    if requested == "0" or (requested != "1" and not (_extension_dir() / f"{extension_name()}.so").exists()):
+        return None
+    try:
+        return build_extension()
+    except KernelBuildError as error:
+        warnings.warn(str(error), RuntimeWarning, stacklevel=2)
+        return None
 
 
 MAX_CHANNELS = 64  # the projected rewrite keeps a token's target on the stack
@@ -268,8 +324,14 @@ def projected_rewrite(
 ) -> torch.Tensor | None:
     """The rewrite with its target `W_v c + b_v` (then `value_scale * sigmoid(.)` unless `value_scale` is None) and
     gate `2 sigmoid(w_g c + b_g)` computed from the context `c` `(..., d)` in the same call, without autograd; None
-    where the kernel does not apply. Weights as in `nn.Linear`: `(d_v, d)`, `(d_v,)`, `(1, d)`, `(1,)`."""
+    where the kernel does not apply. Weights as in `nn.Linear`: `(d_v, d)`, `(d_v,)`, `(1, d)`, `(1,)`. The C++
+    extension makes the same checks and call where it is built (see `extension`)."""
     weights = (value_weight, gate_weight, gate_bias) + (() if value_bias is None else (value_bias,))
+    cpp = extension()
+    if cpp is not None and all(type(tensor) in _PLAIN for tensor in (state, direction, context, *weights)):
+        return cpp.projected_rewrite(
+            state, direction, context, value_weight, value_bias, gate_weight, gate_bias, eps, erase, value_scale
+        )
     if not _applies(state, direction, context, *weights):
         return None
     tokens, hidden, channels = _sizes(state, direction)
@@ -294,7 +356,10 @@ def projected_rewrite(
 
 def channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """CC's read `sum_j w[:, j] X[..., :, j]` of a channel-major state `(..., d, d_v)` with the weight `(d, d_v)`, in one
-    call without autograd; None where the kernel does not apply."""
+    call without autograd; None where the kernel does not apply. The C++ extension where it is built."""
+    cpp = extension()
+    if cpp is not None and type(state) in _PLAIN and type(weight) in _PLAIN:
+        return cpp.channel_mix(state, weight)
     if state.dim() < 2 or weight.shape != state.shape[-2:]:
         return None
     if not (_plain_float32_cpu(state) and _plain_float32_cpu(weight)):

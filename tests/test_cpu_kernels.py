@@ -1,8 +1,10 @@
 """The C kernels of the native implementation (`cpu_kernels.py`): against the reference operators, inside the model
 (where they must run, and only where they apply), and when they cannot be built."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -356,8 +358,10 @@ def test_kernels_keep_out_of_autograd_and_of_hooked_projections(kernel_calls):
     assert kernel_calls["rewrite"] == 1  # the rewrite alone still runs in C
 
 
+@pytest.mark.parametrize("binding", ["ctypes", "extension"])
 @pytest.mark.parametrize("name", ALL_PRESETS)
-def test_native_decoding_matches_the_reference(name, kernel_calls):
+def test_native_decoding_matches_the_reference(name, binding, kernel_calls, request):
+    extension_calls = request.getfixturevalue("cpp_extension") if binding == "extension" else None
     model = perturbed_model(name)
     prompt = torch.randint(3, TEST_VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(prompt)
@@ -382,6 +386,11 @@ def test_native_decoding_matches_the_reference(name, kernel_calls):
     assert (kernel_calls["channel_mix"] > 0) == model.config.expanded_state
     assert (kernel_calls["token_mix_step"] > 0) == model.config.uses_token_compressor
     assert (kernel_calls["expansion_step"] > 0) == model.config.uses_embedding_expansion
+    if extension_calls is not None:  # the projected rewrite and CC's read went through the C++ extension
+        assert extension_calls == {
+            "projected_rewrite": kernel_calls["projected_rewrite"],
+            "channel_mix": kernel_calls["channel_mix"],
+        }
 
 
 def test_the_library_is_built_once_into_the_cache(fresh_build):
@@ -508,3 +517,128 @@ def test_results_are_float32_cpu_tensors_whatever_the_default_dtype():
         torch.set_default_dtype(previous)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The C++ extension (`cpu_extension.cpp`): the decoding kernels called with tensors instead of through ctypes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def built_extension():
+    """The extension, built once into this session's cache folder (about 30 s)."""
+    return cpu_kernels.build_extension()
+
+
+@pytest.fixture
+def cpp_extension(built_extension, monkeypatch) -> dict[str, int]:
+    """The model's decoding kernels run through the extension while the test runs; counts its calls that returned a
+    result."""
+    calls = {"projected_rewrite": 0, "channel_mix": 0}
+
+    def counting(name: str):
+        def counted(*args):
+            result = getattr(built_extension, name)(*args)
+            calls[name] += result is not None
+            return result
+
+        return counted
+
+    counted = SimpleNamespace(**{name: counting(name) for name in calls})
+    monkeypatch.setattr(cpu_kernels, "extension", lambda: counted)
+    return calls
+
+
+def ctypes_result(kernel: str, *args):
+    """`cpu_kernels.<kernel>(*args)` through ctypes, whatever the extension's state."""
+    os.environ[cpu_kernels.EXTENSION_VARIABLE] = "0"
+    cpu_kernels.extension.cache_clear()
+    try:
+        return getattr(cpu_kernels, kernel)(*args)
+    finally:
+        del os.environ[cpu_kernels.EXTENSION_VARIABLE]
+        cpu_kernels.extension.cache_clear()
+
+
+def projection_inputs(lead, hidden, channels, value_bias=True):
+    state, direction = rewrite_inputs(lead, hidden, channels)[:2]
+    weights = [torch.randn(channels, hidden), torch.randn(channels) if value_bias else None]
+    return [state, direction, torch.randn(*lead, hidden), *weights, torch.randn(1, hidden), torch.randn(1)]
+
+
+@pytest.mark.parametrize("erase", [True, False])
+@pytest.mark.parametrize("value_scale", [None, 2.0])
+@pytest.mark.parametrize("lead", [(1, 1), (3, 40)], ids=["one-token", "120-tokens"])
+@pytest.mark.parametrize("channels", [1, 4])
+def test_the_extension_equals_the_ctypes_kernels(erase, value_scale, lead, channels, built_extension, two_threads):
+    torch.manual_seed(0)
+    inputs = projection_inputs(lead, 24, channels, value_bias=value_scale is not None)
+    got = built_extension.projected_rewrite(*inputs, 1e-5, erase, value_scale)
+    expected = ctypes_result("projected_rewrite", *inputs, 1e-5, erase, value_scale)
+    assert torch.equal(got, expected) and got.stride() == expected.stride()
+    if channels > 1:
+        weight = torch.randn(24, channels)
+        assert torch.equal(
+            built_extension.channel_mix(inputs[0], weight), ctypes_result("channel_mix", inputs[0], weight)
+        )
+
+
+def test_the_extension_steps_aside_where_the_ctypes_kernels_do(built_extension):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    state, direction, context, *weights = projection_inputs((1, 2), 8, 3)
+    value_weight, value_bias, gate_weight, gate_bias = weights
+    cases = {
+        "row-major state": [state.contiguous(), direction, context],
+        "bfloat16 state": [state.bfloat16(), direction, context],
+        "meta state": [state.to("meta"), direction, context],
+        "lazily negated state": [torch.randn(1, 2, 3, 8).neg().mT._neg_view(), direction, context],
+        "non-contiguous direction": [state, torch.randn(1, 8, 2).mT, context],
+        "context of another shape": [state, direction, context[:, :1]],
+    }
+    for name, (case_state, case_direction, case_context) in cases.items():
+        args = (case_state, case_direction, case_context, value_weight, value_bias, gate_weight, gate_bias, 1e-5, True)
+        assert built_extension.projected_rewrite(*args, None) is None, name
+        assert ctypes_result("projected_rewrite", *args, None) is None, name
+    wide = projection_inputs((1, 2), 8, 65)
+    assert built_extension.projected_rewrite(*wide, 1e-5, True, None) is None  # 65 channels
+    assert (
+        built_extension.projected_rewrite(
+            state, direction, context, value_weight[:2], None, gate_weight, gate_bias, 1e-5, True, None
+        )
+        is None
+    )
+    assert built_extension.channel_mix(state, torch.randn(8, 4)) is None
+    assert built_extension.channel_mix(state.contiguous(), torch.randn(8, 3)) is None
+    assert built_extension.channel_mix(state.double(), torch.randn(8, 3, dtype=torch.float64)) is None
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # a fake tensor has no data to point to
+        fake = mode.from_tensor(state)
+        assert built_extension.channel_mix(fake, torch.randn(8, 3)) is None
+        assert built_extension.projected_rewrite(fake, direction, context, *weights, 1e-5, True, None) is None
+
+
+def test_a_built_extension_is_found_and_can_be_turned_off(built_extension, monkeypatch):
+    cpu_kernels.extension.cache_clear()
+    try:
+        assert cpu_kernels.extension() is not None  # built into this session's cache folder
+        monkeypatch.setenv(cpu_kernels.EXTENSION_VARIABLE, "0")
+        cpu_kernels.extension.cache_clear()
+        assert cpu_kernels.extension() is None
+    finally:
+        cpu_kernels.extension.cache_clear()
+
+
+def test_a_failed_extension_build_warns_and_the_ctypes_kernels_run(fresh_build, monkeypatch):
+    monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+    monkeypatch.setenv(cpu_kernels.EXTENSION_VARIABLE, "1")
+    cpu_kernels.extension.cache_clear()
+    try:
+        with pytest.warns(
+            RuntimeWarning, match="C\\+\\+ extension could not be built.*DDL_TRANSFORMERS_CPU_EXTENSION=0"
+        ):
+            assert cpu_kernels.extension() is None
+        state, direction, context, *weights = projection_inputs((1, 1), 8, 4)
+        assert cpu_kernels.projected_rewrite(state, direction, context, *weights, 1e-5, True, None) is not None
+    finally:
+        cpu_kernels.extension.cache_clear()

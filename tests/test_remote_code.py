@@ -41,7 +41,9 @@ def test_saved_folder_loads_as_remote_code_with_identical_logits(tmp_path, name)
     files = {p.name for p in folder.iterdir()}
     assert {"configuration_ddl.py", "modeling_ddl.py", "delta_ops.py", "state_tape.py", "model.safetensors"} <= files
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
-    assert not {"triton_rewrite.py", "cpu_kernels.py", "cpu_kernels.c"} & files, "optional kernels are not remote code"
+    assert not {"triton_rewrite.py", "cpu_kernels.py", "cpu_kernels.c", "cpu_extension.cpp"} & files, (
+        "optional kernels are not remote code"
+    )
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_ddl.DDLConfig",
