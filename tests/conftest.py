@@ -49,14 +49,21 @@ def logits_and_grads(model: DDLForCausalLM, tokens: torch.Tensor) -> tuple[torch
 
 @pytest.fixture(scope="session", autouse=True)
 def kernel_cache(tmp_path_factory):
-    """The native implementation's C kernels are built into a folder of this session, not the user's cache."""
-    previous = os.environ.get("DDL_TRANSFORMERS_CACHE")
-    os.environ["DDL_TRANSFORMERS_CACHE"] = str(tmp_path_factory.mktemp("ddl_kernels"))
+    """The native implementation's C kernels are built into a folder of this session, not the user's cache; the
+    optional C++ extension stays off (its own tests in test_cpu_kernels.py turn it on), so that every other test runs
+    the default ctypes calls even after those tests have built it."""
+    settings = {
+        "DDL_TRANSFORMERS_CACHE": str(tmp_path_factory.mktemp("ddl_kernels")),
+        "DDL_TRANSFORMERS_CPU_EXTENSION": "0",
+    }
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     yield
-    if previous is None:
-        del os.environ["DDL_TRANSFORMERS_CACHE"]
-    else:
-        os.environ["DDL_TRANSFORMERS_CACHE"] = previous
+    for name, value in previous.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)

@@ -550,14 +550,10 @@ def cpp_extension(built_extension, monkeypatch) -> dict[str, int]:
 
 
 def ctypes_result(kernel: str, *args):
-    """`cpu_kernels.<kernel>(*args)` through ctypes, whatever the extension's state."""
-    os.environ[cpu_kernels.EXTENSION_VARIABLE] = "0"
+    """`cpu_kernels.<kernel>(*args)` through ctypes (conftest.py keeps the extension off outside its own tests)."""
     cpu_kernels.extension.cache_clear()
-    try:
-        return getattr(cpu_kernels, kernel)(*args)
-    finally:
-        del os.environ[cpu_kernels.EXTENSION_VARIABLE]
-        cpu_kernels.extension.cache_clear()
+    assert os.environ[cpu_kernels.EXTENSION_VARIABLE] == "0" and cpu_kernels.extension() is None
+    return getattr(cpu_kernels, kernel)(*args)
 
 
 def projection_inputs(lead, hidden, channels, value_bias=True):
@@ -619,6 +615,7 @@ def test_the_extension_steps_aside_where_the_ctypes_kernels_do(built_extension):
 
 
 def test_a_built_extension_is_found_and_can_be_turned_off(built_extension, monkeypatch):
+    monkeypatch.delenv(cpu_kernels.EXTENSION_VARIABLE)  # as for a user: neither asked for nor refused
     cpu_kernels.extension.cache_clear()
     try:
         assert cpu_kernels.extension() is not None  # built into this session's cache folder
