@@ -11,6 +11,7 @@ loaded with `ctypes`; OpenMP threads follow `torch.get_num_threads()`. Not part 
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import os
 import platform
 import shlex
@@ -100,8 +101,9 @@ def load() -> ctypes.CDLL:
 
 
 def extension_name() -> str:
-    """The C++ extension's module name: a hash of both sources, torch's and Python's versions and `$CXX`."""
-    parts = (SOURCE.read_bytes(), EXTENSION_SOURCE.read_bytes(), torch.__version__, sys.version, os.environ.get("CXX"))
+    """The C++ extension's module name: a hash of both sources, torch's and Python's versions, the machine and `$CXX`."""
+    parts = (SOURCE.read_bytes(), EXTENSION_SOURCE.read_bytes(), torch.__version__, sys.version, platform.machine())
+    parts += (os.environ.get("CXX"),)
     return "ddl_cpu_extension_" + hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
@@ -123,6 +125,7 @@ def build_extension(verbose: bool = False) -> ModuleType:
             extension_name(),
             [str(EXTENSION_SOURCE)],
             extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(SOURCE.parent)],
             build_directory=str(directory),
             verbose=verbose,
@@ -135,18 +138,34 @@ def build_extension(verbose: bool = False) -> ModuleType:
         ) from error
 
 
+def _import_built_extension() -> ModuleType | None:
+    """The extension's library from the cache folder, imported as it is (no build tool, no lock), or None if absent."""
+    name = extension_name()
+    path = _extension_dir() / f"{name}.so"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @functools.cache
 def extension() -> ModuleType | None:
-    """The C++ extension where it is wanted: already built into the cache folder, or requested with
-    `DDL_TRANSFORMERS_CPU_EXTENSION=1` (then built now); else, or with a warning where that fails, None (the ctypes
-    calls run)."""
+    """The C++ extension where it is wanted: already built into the cache folder (imported as it is), or requested
+    with `DDL_TRANSFORMERS_CPU_EXTENSION=1` (then built now); else, or with a warning where that fails, None (the
+    ctypes calls run)."""
     requested = os.environ.get(EXTENSION_VARIABLE)
-    if requested == "0" or (requested != "1" and not (_extension_dir() / f"{extension_name()}.so").exists()):
+    if requested == "0":
         return None
     try:
-        return build_extension()
-    except KernelBuildError as error:
-        warnings.warn(str(error), RuntimeWarning, stacklevel=2)
+        module = _import_built_extension()
+        if module is None and requested == "1":
+            module = build_extension()
+        return module
+    except (KernelBuildError, OSError, ImportError) as error:  # OSError: e.g. a missing source or an unreadable cache
+        if requested == "1" or not isinstance(error, FileNotFoundError):  # unasked-for and absent: nothing to say
+            warnings.warn(f"{error} The ctypes calls run instead.", RuntimeWarning, stacklevel=2)
         return None
 
 

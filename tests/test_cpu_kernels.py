@@ -2,6 +2,9 @@
 (where they must run, and only where they apply), and when they cannot be built."""
 
 import os
+import subprocess
+import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
@@ -637,5 +640,110 @@ def test_a_failed_extension_build_warns_and_the_ctypes_kernels_run(fresh_build, 
             assert cpu_kernels.extension() is None
         state, direction, context, *weights = projection_inputs((1, 1), 8, 4)
         assert cpu_kernels.projected_rewrite(state, direction, context, *weights, 1e-5, True, None) is not None
+    finally:
+        cpu_kernels.extension.cache_clear()
+
+
+def _layout_cases() -> dict[str, tuple]:
+    """Inputs of every kind the two bindings must treat alike: `("projected_rewrite" | "channel_mix", args)`."""
+    torch.manual_seed(0)
+    hidden, channels = 8, 3
+    state, direction, context, value_weight, value_bias, gate_weight, gate_bias = projection_inputs((2, 3), 8, 3)
+    base = {"state": state, "direction": direction, "context": context, "value_weight": value_weight}
+    base |= {"value_bias": value_bias, "gate_weight": gate_weight, "gate_bias": gate_bias}
+    scalar = {"state": torch.randn(2, 3, hidden), "value_weight": torch.randn(1, hidden), "value_bias": torch.randn(1)}
+    changes = {
+        "as built": {},
+        "no value bias": {"value_bias": None},
+        "scalar state": scalar,
+        "non-contiguous scalar state": {**scalar, "state": torch.randn(2, hidden, 3).mT},
+        "0-dim tensors": {"state": torch.tensor(1.0), "direction": torch.tensor(1.0), "context": torch.tensor(1.0)},
+        "no tokens": {"state": channel_major_state(0, 3, hidden, 3), "direction": torch.randn(0, 3, hidden)},
+        "64 channels": {"state": channel_major_state(2, 3, hidden, 64), "value_weight": torch.randn(64, hidden)},
+        "state at an offset": {"state": channel_major_state(3, 3, hidden, channels)[1:]},
+        "transposed value weight": {"value_weight": torch.randn(hidden, channels).t()},
+        "strided value bias": {"value_bias": torch.randn(channels, 2)[:, 0]},
+        "value bias of another size": {"value_bias": torch.randn(channels + 1)},
+        "gate weight (2, d)": {"gate_weight": torch.randn(2, hidden)},
+        "0-dim gate bias": {"gate_bias": torch.tensor(0.5)},
+        "broadcast gate weight": {"gate_weight": torch.randn(1, 1).expand(1, hidden)},
+        "broadcast context": {"context": torch.randn(hidden).expand(2, 3, hidden)},
+        "broadcast channels": {"state": torch.randn(2, 3, hidden, 1).expand(2, 3, hidden, channels)},
+        "lazily negated value weight": {"value_weight": torch._neg_view(value_weight)},
+        "float64": {name: tensor.double() for name, tensor in base.items()},
+    }
+    cases = {}
+    for name, change in changes.items():
+        inputs = {**base, **change}
+        if name == "no tokens":
+            inputs["context"] = torch.randn(0, 3, hidden)
+        if name == "64 channels":
+            inputs["value_bias"] = torch.randn(64)
+        cases[f"projected rewrite, {name}"] = ("projected_rewrite", (*inputs.values(), 1e-5, True, 2.0))
+    weight = torch.randn(hidden, channels)
+    mixes = {
+        "as built": (state, weight),
+        "one token": (channel_major_state(hidden, channels), weight),
+        "transposed weight": (state, torch.randn(channels, hidden).t()),
+        "weight at an offset": (state, torch.randn(hidden + 1, channels)[1:]),
+        "broadcast weight": (state, torch.randn(1, channels).expand(hidden, channels)),
+        "row-major state": (state.contiguous(), weight),
+        "broadcast channels": (torch.randn(2, 3, hidden, 1).expand(2, 3, hidden, channels), weight),
+        "no features": (channel_major_state(2, 3, 0, channels), torch.randn(0, channels)),
+        "lazily negated state": (torch._neg_view(state), weight),
+        "float64 weight": (state, weight.double()),
+    }
+    cases |= {f"channel mix, {name}": ("channel_mix", args) for name, args in mixes.items()}
+    return cases
+
+
+LAYOUT_CASES = _layout_cases()
+
+
+@pytest.mark.parametrize("case", list(LAYOUT_CASES))
+def test_the_extension_takes_what_the_ctypes_kernels_take(case, built_extension):
+    kernel, args = LAYOUT_CASES[case]
+
+    def outcome(call):
+        try:
+            return call()
+        except (RuntimeError, IndexError) as error:
+            return type(error)
+
+    got = outcome(lambda: getattr(built_extension, kernel)(*args))
+    expected = outcome(lambda: ctypes_result(kernel, *args))
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and torch.equal(got, expected) and got.stride() == expected.stride()
+    else:
+        assert got == expected  # None (the kernel steps aside) or the same error
+
+
+def test_a_built_extension_loads_without_its_build_tools(built_extension, tmp_path):
+    # a build killed while it held its lock leaves the lock file behind; loading must not wait for it
+    lock = cpu_kernels._extension_dir() / "lock"
+    lock.touch()
+    try:
+        script = "from ddl_transformers import cpu_kernels; assert cpu_kernels.extension() is not None"
+        env = {**os.environ, "PATH": str(tmp_path)}  # no compiler, no ninja
+        env.pop(cpu_kernels.EXTENSION_VARIABLE)
+        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    finally:
+        lock.unlink()
+
+
+def test_a_missing_extension_source_leaves_the_ctypes_kernels_alone(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "EXTENSION_SOURCE", tmp_path / "missing.cpp")
+    monkeypatch.delenv(cpu_kernels.EXTENSION_VARIABLE)
+    cpu_kernels.extension.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # not asked for: no warning
+            assert cpu_kernels.extension() is None
+        state, direction, context, *weights = projection_inputs((1, 1), 8, 4)
+        assert cpu_kernels.projected_rewrite(state, direction, context, *weights, 1e-5, True, None) is not None
+        monkeypatch.setenv(cpu_kernels.EXTENSION_VARIABLE, "1")
+        cpu_kernels.extension.cache_clear()
+        with pytest.warns(RuntimeWarning, match="missing.cpp"):
+            assert cpu_kernels.extension() is None
     finally:
         cpu_kernels.extension.cache_clear()
