@@ -107,8 +107,9 @@ def extension_name() -> str:
     return "ddl_cpu_extension_" + hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def _extension_dir() -> Path:
-    return cache_dir() / extension_name()
+def _extension_dir(name: str) -> Path:
+    """The extension's build folder (its library is `<name>.so` there)."""
+    return cache_dir() / name
 
 
 def build_extension(verbose: bool = False) -> ModuleType:
@@ -118,11 +119,12 @@ def build_extension(verbose: bool = False) -> ModuleType:
     builds it on first use, `=0` never uses it. Raises `KernelBuildError` with the cause and the fix."""
     from torch.utils import cpp_extension
 
-    directory = _extension_dir()
+    name = extension_name()
+    directory = _extension_dir(name)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         return cpp_extension.load(
-            extension_name(),
+            name,
             [str(EXTENSION_SOURCE)],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -141,7 +143,7 @@ def build_extension(verbose: bool = False) -> ModuleType:
 def _import_built_extension() -> ModuleType | None:
     """The extension's library from the cache folder, imported as it is (no build tool, no lock), or None if absent."""
     name = extension_name()
-    path = _extension_dir() / f"{name}.so"
+    path = _extension_dir(name) / f"{name}.so"
     if not path.exists():
         return None
     spec = importlib.util.spec_from_file_location(name, path)
@@ -165,7 +167,8 @@ def extension() -> ModuleType | None:
         return module
     except (KernelBuildError, OSError, ImportError) as error:  # OSError: e.g. a missing source or an unreadable cache
         if requested == "1" or not isinstance(error, FileNotFoundError):  # unasked-for and absent: nothing to say
-            warnings.warn(f"{error} The ctypes calls run instead.", RuntimeWarning, stacklevel=2)
+            fallback = "" if isinstance(error, KernelBuildError) else " The ctypes calls run instead."  # it says so
+            warnings.warn(f"{error}{fallback}", RuntimeWarning, stacklevel=2)
         return None
 
 
@@ -314,17 +317,18 @@ def rewrite_backward(
         return None
     grad = grad_out if scalar else grad_out.transpose(-1, -2).reshape(tokens, value_channels, hidden)
     grad = grad.contiguous()  # channel-major rows (a copy only if the layout differs)
-    grad_state = grad_out if not erase else None
+    grad_state = grad_out if not erase else None  # the write-only control passes the gradient on
     if erase and state_grad:
         grad_state = _empty_float32(*grad_out.shape) if scalar else _empty_channel_major(grad_out.shape, grad_out)
+    written_state_grad = grad_state if erase else None  # NULL: the kernel writes none
     grad_h, grad_target, grad_beta = (
         _empty_float32(*h.shape),
         _empty_float32(*error.shape),
         _empty_float32(*beta.shape),
     )
-    pointers = _pointers(grad, *(channels, h, scale, beta) if erase else (grad, h, scale, beta))
-    pointers += (_pointer(read), *_pointers(error), _pointer(grad_state if erase else None))
-    pointers += _pointers(grad_h, grad_target, grad_beta)
+    state_rows = channels if erase else grad  # not read without the erase term
+    pointers = (*_pointers(grad, state_rows, h, scale, beta), _pointer(read), error.data_ptr())
+    pointers += (_pointer(written_state_grad), *_pointers(grad_h, grad_target, grad_beta))
     load().ddl_rewrite_backward(*pointers, tokens, hidden, value_channels, int(erase), torch.get_num_threads())
     return grad_state, grad_h, grad_target, grad_beta
 

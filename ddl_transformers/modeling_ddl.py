@@ -283,20 +283,30 @@ class DDLDeltaResidual(nn.Module):
         `_target`) and no gate hidden layer are one product: backward then makes one context gradient instead of two
         to add. Without autograd (decoding) the concatenation and split would cost more than the second product."""
         wide_context = _wide(context)
-        value_proj, beta_proj = self.value_proj, self.beta_proj
-        joint = (
-            torch.is_grad_enabled() and _is_plain(value_proj, nn.Linear) and _is_plain(beta_proj, DDLGateProjection)
-        )
-        if self.beta_hidden is not None or not joint:
+        if not (torch.is_grad_enabled() and self._plain_projections()):
             return self._target(context, wide_context), self.gate(wide_context)
+        value_proj, beta_proj = self.value_proj, self.beta_proj
         dtype, value_channels = wide_context.dtype, value_proj.out_features
         value_bias = value_proj.bias if value_proj.bias is not None else beta_proj.bias.new_zeros(value_channels)
         weight = _cast(torch.cat([value_proj.weight, beta_proj.weight]), dtype)  # (d_v + 1, d)
         bias = _cast(torch.cat([value_bias, beta_proj.bias]), dtype)
         value, logits = F.linear(wide_context, weight, bias).split([value_channels, 1], -1)
+        return self._activate(value).contiguous(), 2.0 * torch.sigmoid(logits)
+
+    def _plain_projections(self) -> bool:
+        """Whether the value and gate projections are plain `nn.Linear`s (no adapter, no hooks) and there is no gate
+        hidden layer: then their weights can be used directly."""
+        return (
+            self.beta_hidden is None
+            and _is_plain(self.value_proj, nn.Linear)
+            and _is_plain(self.beta_proj, DDLGateProjection)
+        )
+
+    def _activate(self, value: torch.Tensor) -> torch.Tensor:
+        """The value projection's output as the target: `value_scale * sigmoid(.)` or as it is, at least float32."""
         if self.value_activation == "sigmoid":
             value = self.value_scale * torch.sigmoid(value)
-        return _wide(value).contiguous(), 2.0 * torch.sigmoid(logits)
+        return _wide(value)
 
     def _target(self, context: torch.Tensor, wide_context: torch.Tensor) -> torch.Tensor:
         """A plain value projection (`nn.Linear` without hooks) runs as one `F.linear` on the widened context, without
@@ -307,9 +317,7 @@ class DDLDeltaResidual(nn.Module):
             value = F.linear(wide_context, _cast(value_proj.weight, wide_context.dtype), bias)
         else:
             value = value_proj(context)
-        if self.value_activation == "sigmoid":
-            value = self.value_scale * torch.sigmoid(value)
-        return _wide(value)
+        return self._activate(value)
 
     def forward(self, state: torch.Tensor, sublayer_output: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.residual_mode == "additive":
@@ -321,20 +329,16 @@ class DDLDeltaResidual(nn.Module):
         return rewrite_function(self.residual_mode)(state, sublayer_output, target, beta, self.eps)
 
     def _projected_rewrite(self, state, sublayer_output, context) -> torch.Tensor | None:
-        """`delta_ops.projected_rewrite` for plain projections (no adapter, no hooks, no gate hidden layer), else
-        None."""
-        value_proj, beta_proj = self.value_proj, self.beta_proj
-        if self.beta_hidden is not None or not (
-            _is_plain(value_proj, nn.Linear) and _is_plain(beta_proj, DDLGateProjection)
-        ):
+        """`delta_ops.projected_rewrite` for plain projections (see `_plain_projections`), else None."""
+        if not self._plain_projections():
             return None
         value_scale = self.value_scale if self.value_activation == "sigmoid" else None
         return projected_rewrite(
             state,
             sublayer_output,
             context,
-            value_proj,
-            beta_proj,
+            self.value_proj,
+            self.beta_proj,
             self.eps,
             self.residual_mode == "delta",
             value_scale,

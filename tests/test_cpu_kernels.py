@@ -720,7 +720,7 @@ def test_the_extension_takes_what_the_ctypes_kernels_take(case, built_extension)
 
 def test_a_built_extension_loads_without_its_build_tools(built_extension, tmp_path):
     # a build killed while it held its lock leaves the lock file behind; loading must not wait for it
-    lock = cpu_kernels._extension_dir() / "lock"
+    lock = cpu_kernels._extension_dir(cpu_kernels.extension_name()) / "lock"
     lock.touch()
     try:
         script = "from ddl_transformers import cpu_kernels; assert cpu_kernels.extension() is not None"
