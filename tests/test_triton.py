@@ -122,9 +122,9 @@ def test_triton_token_convolution_matches_the_float64_reference(
         assert grad.dtype == tensor.dtype
         assert relative_error(grad, expected_grad) < MAX_ERROR[dtype] * 2
     if dtype == torch.float32:  # element by element too: one wrong element hides in a whole-tensor error
-        torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got.double().cpu(), expected.detach(), rtol=1e-4, atol=1e-4)
         for grad, expected_grad in zip(grads, expected_grads):
-            torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(grad.double().cpu(), expected_grad, rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # prefill: the forward kernel alone
         assert relative_error(fused_token_mix(*low), expected.detach()) < MAX_ERROR[dtype]
     assert kernel_calls["token_conv_forward"] == 2
