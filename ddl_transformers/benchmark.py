@@ -30,6 +30,7 @@ from torch._inductor import list_mode_options
 from transformers import Cache, CompileConfig, DynamicCache, StaticCache
 
 from . import cpu_kernels, delta_ops
+from .allocator import retain_freed_memory
 from .modeling_ddl import DDLForCausalLM
 from .presets import PRESETS, SIZES, preset_config
 
@@ -103,6 +104,14 @@ class BenchmarkArguments:
         metadata={
             "help": "wall (elapsed time) or process (this process's CPU time: steadier on a shared machine, "
             "meaningful with --threads 1 only)."
+        },
+    )
+    retain_freed_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "On the CPU, keep freed memory in the process (`allocator.retain_freed_memory`, as scripts/train.py "
+            "does), for every preset alike; false measures glibc's default malloc, which faults each step's fresh "
+            "tensors in again. The peak memory probes are not affected."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the weights and tokens."})
@@ -434,8 +443,9 @@ def run_benchmark(args: BenchmarkArguments, log: Callable[[str], None] | None = 
     log = log or (lambda message: None)
     if args.threads:
         torch.set_num_threads(args.threads)
+    retained = args.retain_freed_memory and args.device == "cpu" and retain_freed_memory()
     presets = ["baseline", *[name for name in args.presets if name != "baseline"]]
-    started = environment()
+    started = {**environment(), "retained_freed_memory": retained}
     runners = [_Runner(name, args) for name in presets]
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in presets}
     figures = len(runners[0].measurements())

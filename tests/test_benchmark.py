@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,8 @@ def test_outputs_are_written(report):
     on_disk = json.loads(Path(args.output).read_text())
     assert on_disk["results"] == json.loads(json.dumps(report["results"]))
     assert on_disk["settings"]["seq_len"] == 8 and on_disk["environment"]["torch"]
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert on_disk["environment"]["retained_freed_memory"] is glibc  # on by default, where mallopt is
     table = Path(args.markdown).read_text()
     assert table == markdown_table(report)
     values, paired = table.split("\n\n", 1)

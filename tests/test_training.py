@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, HfArgumentParser, TrainerCallback
 
+from ddl_transformers import training
 from ddl_transformers.training import (
     DataArguments,
     DDLTrainingArguments,
@@ -120,6 +121,14 @@ def test_resume_from_checkpoint_finishes_with_the_same_weights(tmp_path):
     again = load_file(tmp_path / "resumed" / "model.safetensors")
     for name, value in straight.items():
         torch.testing.assert_close(again[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_cpu_training_retains_freed_memory_unless_told_not_to(tmp_path, monkeypatch, retain):
+    calls = []
+    monkeypatch.setattr(training, "retain_freed_memory", lambda: calls.append("retained") or True)
+    run_training(*micro_args(tmp_path, max_steps=1, eval_strategy="no", retain_freed_cpu_memory=retain))
+    assert calls == (["retained"] if retain else [])
 
 
 def test_lora_fine_tuning_saves_an_adapter_that_loads_back(trained_folder, tmp_path):
