@@ -362,12 +362,14 @@ def measure_peak_memory_mb(names: list[str], args: BenchmarkArguments, steps: in
         "import json, sys; from ddl_transformers.benchmark import _memory_probe; "
         "print(json.dumps(_memory_probe(sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]))))"
     )
-    # A fixed glibc mmap threshold returns freed tensors to the OS at once, so resident memory tracks live tensors.
+    # A fixed glibc mmap threshold returns freed tensors to the OS at once, so resident memory tracks live tensors;
+    # malloc settings of this process's environment (e.g. retained freed memory) are not passed on.
     env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), *sys.path]),
-        "MALLOC_MMAP_THRESHOLD_": "65536",
+        key: value for key, value in os.environ.items() if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"
     }
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), *sys.path]), MALLOC_MMAP_THRESHOLD_="65536"
+    )
     probes = {
         name: subprocess.Popen(
             [sys.executable, "-c", code, name, json.dumps(asdict(args)), str(steps)],

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -123,21 +125,36 @@ def build_extension(verbose: bool = False) -> ModuleType:
     directory = _extension_dir(name)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load(
-            name,
-            [str(EXTENSION_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            extra_include_paths=[str(SOURCE.parent)],
-            build_directory=str(directory),
-            verbose=verbose,
-        )
+        with _environment_path_first(Path(sys.executable).parent):  # a virtual environment's ninja, not activated
+            return cpp_extension.load(
+                name,
+                [str(EXTENSION_SOURCE)],
+                extra_cflags=["-O3", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                extra_include_paths=[str(SOURCE.parent)],
+                build_directory=str(directory),
+                verbose=verbose,
+            )
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as error:
         raise KernelBuildError(
             f"DDL's C++ extension could not be built or loaded ({error}). It needs a C++ compiler, ninja (`pip install "
             f"ninja`) and PyTorch's headers, and a writable cache folder ({directory}). Without it the ctypes kernels "
             f"run (set {EXTENSION_VARIABLE}=0 to stop trying)."
         ) from error
+
+
+@contextmanager
+def _environment_path_first(folder: Path) -> Iterator[None]:
+    """`folder` first on `PATH` for the block (`torch.utils.cpp_extension` looks for `ninja` on `PATH`)."""
+    previous = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join(filter(None, [str(folder), previous]))
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["PATH"]
+        else:
+            os.environ["PATH"] = previous
 
 
 def _import_built_extension() -> ModuleType | None:

@@ -128,7 +128,7 @@ class DDLTrainingArguments(TrainingArguments):
         metadata={
             "help": "Training on the CPU, keep freed memory in the process for the next step "
             "(`ddl_transformers.allocator.retain_freed_memory`, glibc only): each step's tensors reuse the last "
-            "step's pages instead of faulting fresh ones in (about 9% shorter steps here; peak memory 1-2% higher). "
+            "step's pages instead of faulting fresh ones in (about 9% shorter steps here; peak memory 1-2.5% higher; for the rest of the process). "
             "False leaves malloc as it is."
         },
     )

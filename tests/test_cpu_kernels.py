@@ -7,6 +7,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -642,6 +643,20 @@ def test_a_failed_extension_build_warns_and_the_ctypes_kernels_run(fresh_build, 
         assert cpu_kernels.projected_rewrite(state, direction, context, *weights, 1e-5, True, None) is not None
     finally:
         cpu_kernels.extension.cache_clear()
+
+
+def test_the_extension_build_finds_the_virtual_environments_ninja(monkeypatch, tmp_path):
+    """`make setup` runs `.venv/bin/python` without `.venv/bin` on `PATH`, where pip put `ninja`: the build looks
+    there first, and `PATH` is as it was afterwards."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("DDL_TRANSFORMERS_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", "/usr/bin")
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda *args, **kwargs: seen.append(os.environ["PATH"]) or "built")
+    assert cpu_kernels.build_extension() == "built"
+    assert seen == [os.pathsep.join([str(Path(sys.executable).parent), "/usr/bin"])]
+    assert os.environ["PATH"] == "/usr/bin"
 
 
 def _layout_cases() -> dict[str, tuple]:

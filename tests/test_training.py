@@ -127,7 +127,7 @@ def test_resume_from_checkpoint_finishes_with_the_same_weights(tmp_path):
 def test_cpu_training_retains_freed_memory_unless_told_not_to(tmp_path, monkeypatch, retain):
     calls = []
     monkeypatch.setattr(training, "retain_freed_memory", lambda: calls.append("retained") or True)
-    run_training(*micro_args(tmp_path, max_steps=1, eval_strategy="no", retain_freed_cpu_memory=retain))
+    run_training(*micro_args(tmp_path, max_steps=1, eval_strategy="no", use_cpu=True, retain_freed_cpu_memory=retain))
     assert calls == (["retained"] if retain else [])
 
 
