@@ -87,6 +87,10 @@ class CompareArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation rows."})
     eval_batch_size: int = field(default=16, metadata={"help": "Windows per evaluation batch."})
     reuse_finished_runs: bool = field(default=True, metadata={"help": "Keep finished runs found in output_dir."})
+    retain_freed_cpu_memory: bool = field(
+        default=True,
+        metadata={"help": "Training on the CPU, keep freed memory in the process (as scripts/train.py; see README)."},
+    )
     audit_tokens: int = field(
         default=4096, metadata={"help": "Validation tokens for the gate audit of each variant's first seed (0: none)."}
     )
@@ -146,6 +150,7 @@ def train_one(args: CompareArguments, preset: str, seed: int, tokenizer_dir: str
             logging_steps=max(1, args.max_steps // (4 * args.eval_points)),
             disable_tqdm=True,
             report_to="none",
+            retain_freed_cpu_memory=args.retain_freed_cpu_memory,
         )
         run_training(model_args, data_args, training_args)
     return load_run(folder, preset, seed)

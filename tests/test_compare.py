@@ -87,6 +87,20 @@ def test_seeds_fix_the_data_order_across_presets(tmp_path, monkeypatch):
     assert orders[("ddl-cc", 0)] != orders[("ddl-cc", 1)]
 
 
+@pytest.mark.parametrize("retain", [True, False])
+def test_runs_pass_on_the_retained_memory_setting(tmp_path, monkeypatch, retain):
+    from ddl_transformers import compare
+
+    def stop(model_args, data_args, training_args):
+        raise StopIteration(training_args.retain_freed_cpu_memory)
+
+    monkeypatch.setattr(compare, "run_training", stop)
+    args = micro_study(tmp_path, reuse_finished_runs=False, retain_freed_cpu_memory=retain)
+    with pytest.raises(StopIteration) as stopped:
+        compare.train_one(args, "baseline", 0, str(tmp_path / "tokenizer"))
+    assert stopped.value.args == (retain,)
+
+
 def test_finished_runs_are_reused_and_references_added(study):
     folder, _ = study
     model_file = folder / "runs" / "baseline-seed0" / "model.safetensors"
