@@ -14,6 +14,8 @@ import ctypes
 import platform
 from collections.abc import Callable
 
+import torch
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc's malloc.h)
 DEFAULT_LIMIT_BYTES = 2**30
 _MAX_LIMIT_BYTES = 2**31 - 1  # mallopt takes a C int
@@ -50,3 +52,8 @@ def retain_freed_memory(limit_bytes: int = DEFAULT_LIMIT_BYTES) -> bool:
         mallopt(_M_MMAP_THRESHOLD, min(limit_bytes, _OLD_GLIBC_MAX_MMAP_THRESHOLD))
     )
     return trimmed and mapped
+
+
+def retain_freed_memory_on(device: torch.device | str) -> bool:
+    """`retain_freed_memory()` where `device` is the CPU (tensors on an accelerator are not malloc's); else False."""
+    return torch.device(device).type == "cpu" and retain_freed_memory()

@@ -30,7 +30,7 @@ from torch._inductor import list_mode_options
 from transformers import Cache, CompileConfig, DynamicCache, StaticCache
 
 from . import cpu_kernels, delta_ops
-from .allocator import retain_freed_memory
+from .allocator import retain_freed_memory_on
 from .modeling_ddl import DDLForCausalLM
 from .presets import PRESETS, SIZES, preset_config
 
@@ -445,7 +445,7 @@ def run_benchmark(args: BenchmarkArguments, log: Callable[[str], None] | None = 
     log = log or (lambda message: None)
     if args.threads:
         torch.set_num_threads(args.threads)
-    retained = args.retain_freed_memory and args.device == "cpu" and retain_freed_memory()
+    retained = args.retain_freed_memory and retain_freed_memory_on(args.device)
     presets = ["baseline", *[name for name in args.presets if name != "baseline"]]
     started = {**environment(), "retained_freed_memory": retained}
     runners = [_Runner(name, args) for name in presets]

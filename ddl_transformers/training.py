@@ -26,7 +26,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from .allocator import retain_freed_memory
+from .allocator import retain_freed_memory_on
 from .configuration_ddl import DDLConfig
 from .data import corpus_documents, load_corpus, load_or_train_tokenizer, pack_dataset
 from .evaluation import evaluate_perplexity, save_results
@@ -128,8 +128,8 @@ class DDLTrainingArguments(TrainingArguments):
         metadata={
             "help": "Training on the CPU, keep freed memory in the process for the next step "
             "(`ddl_transformers.allocator.retain_freed_memory`, glibc only): each step's tensors reuse the last "
-            "step's pages instead of faulting fresh ones in (about 9% shorter steps here; peak memory 1-2.5% higher; for the rest of the process). "
-            "False leaves malloc as it is."
+            "step's pages instead of faulting fresh ones in (about 9% shorter steps here; peak memory 1-2.5% higher; "
+            "for the rest of the process). False leaves malloc as it is."
         },
     )
     push_hub_ready_folder: bool = field(
@@ -338,8 +338,8 @@ def run_training(
         data_collator=causal_lm_collator,
         callbacks=callbacks,
     )
-    if getattr(training_args, "retain_freed_cpu_memory", False) and training_args.device.type == "cpu":
-        retain_freed_memory()
+    if getattr(training_args, "retain_freed_cpu_memory", False):
+        retain_freed_memory_on(training_args.device)
     started = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=resolve_checkpoint(training_args))
     train_seconds = time.perf_counter() - started

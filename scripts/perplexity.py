@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ddl_transformers.allocator import retain_freed_memory
+from ddl_transformers.allocator import retain_freed_memory_on
 from ddl_transformers.cli import parse_arguments, run_script
 from ddl_transformers.evaluation import (
     check_window,
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     records = []
     for name in args.model:
         model, tokenizer = load_causal_lm(name, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device)
-        if args.retain_freed_cpu_memory and model.device.type == "cpu":
-            retain_freed_memory()
+        if args.retain_freed_cpu_memory:
+            retain_freed_memory_on(model.device)
         display = f"{name} ({args.gguf_file})" if args.gguf_file else name
         for benchmark, documents in benchmarks:
             result = evaluate_perplexity(

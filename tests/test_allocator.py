@@ -14,7 +14,7 @@ from ddl_transformers import allocator
 from ddl_transformers.allocator import retain_freed_memory
 
 REPO = Path(__file__).resolve().parent.parent
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = allocator._mallopt() is not None
 
 # Six training steps of ddl-cc at the benchmark's CPU shape on one thread; the page faults of each step.
 PROBE = """

@@ -12,7 +12,7 @@ import torch
 import treebank
 from conftest import perturbed_model
 
-from ddl_transformers import data
+from ddl_transformers import allocator, data
 from ddl_transformers.evaluation import (
     RESULT_KEYS,
     document_nlls,
@@ -309,7 +309,7 @@ def test_cli_retains_freed_memory_on_the_cpu_unless_told_not_to(tokenizer, tmp_p
     tokenizer.save_pretrained(folder)
     script = load_script()
     calls = []
-    monkeypatch.setattr(script, "retain_freed_memory", lambda: calls.append("retained") or True)
+    monkeypatch.setattr(allocator, "retain_freed_memory", lambda: calls.append("retained") or True)
     argv = ["--model", str(folder), "--benchmark", "ptb:validation", "--max_documents", "5", "--max_length", "16"]
     records = script.main([*argv, "--no_progress", "--device", "cpu", "--retain_freed_cpu_memory", str(retain)])
     assert len(records) == 1 and math.isfinite(records[0]["word_perplexity"])

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, HfArgumentParser, TrainerCallback
 
-from ddl_transformers import training
+from ddl_transformers import allocator
 from ddl_transformers.training import (
     DataArguments,
     DDLTrainingArguments,
@@ -126,7 +126,7 @@ def test_resume_from_checkpoint_finishes_with_the_same_weights(tmp_path):
 @pytest.mark.parametrize("retain", [True, False])
 def test_cpu_training_retains_freed_memory_unless_told_not_to(tmp_path, monkeypatch, retain):
     calls = []
-    monkeypatch.setattr(training, "retain_freed_memory", lambda: calls.append("retained") or True)
+    monkeypatch.setattr(allocator, "retain_freed_memory", lambda: calls.append("retained") or True)
     run_training(*micro_args(tmp_path, max_steps=1, eval_strategy="no", use_cpu=True, retain_freed_cpu_memory=retain))
     assert calls == (["retained"] if retain else [])
 
