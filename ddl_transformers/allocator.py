@@ -35,10 +35,10 @@ def _mallopt() -> Callable[[int, int], int] | None:
 def retain_freed_memory(limit_bytes: int = DEFAULT_LIMIT_BYTES) -> bool:
     """Make glibc's malloc serve requests up to `limit_bytes` from its heap and keep up to `limit_bytes` of freed heap
     memory for reuse (`mallopt` `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD`), for the rest of the process: it cannot be
-    undone. It changes how memory is obtained, not what is computed. Where glibc refuses an mmap threshold above 32 MiB
-    (older releases do), 32 MiB is used. Returns whether both settings took; False off glibc, where nothing changes (also
-    under a preloaded allocator such as jemalloc, which `mallopt` does not reach). The same as starting the process with
-    `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` set to `limit_bytes`."""
+    undone. It changes how memory is obtained, not what is computed. Where glibc refuses an mmap threshold above
+    32 MiB (older releases do), 32 MiB is used. Returns whether both settings took; False off glibc, where nothing
+    changes (also under a preloaded allocator such as jemalloc, which `mallopt` does not reach). The same as starting
+    the process with `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` set to `limit_bytes`."""
     if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or not 0 < limit_bytes <= _MAX_LIMIT_BYTES:
         raise ValueError(
             f"retain_freed_memory: limit_bytes={limit_bytes!r} must be a whole number of bytes from 1 to "

@@ -109,9 +109,9 @@ class BenchmarkArguments:
     retain_freed_memory: bool = field(
         default=True,
         metadata={
-            "help": "On the CPU, keep freed memory in the process (`allocator.retain_freed_memory`, as scripts/train.py "
-            "does), for every preset alike; false measures glibc's default malloc, which faults each step's fresh "
-            "tensors in again. The peak memory probes are not affected."
+            "help": "On the CPU, keep freed memory in the process (`allocator.retain_freed_memory`, as "
+            "scripts/train.py does), for every preset alike; false measures glibc's default malloc, which faults "
+            "each step's fresh tensors in again. The peak memory probes are not affected."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the weights and tokens."})

@@ -103,7 +103,8 @@ def load() -> ctypes.CDLL:
 
 
 def extension_name() -> str:
-    """The C++ extension's module name: a hash of both sources, torch's and Python's versions, the machine and `$CXX`."""
+    """The C++ extension's module name: a hash of both sources, torch's and Python's versions, the machine and
+    `$CXX`."""
     parts = (SOURCE.read_bytes(), EXTENSION_SOURCE.read_bytes(), torch.__version__, sys.version, platform.machine())
     parts += (os.environ.get("CXX"),)
     return "ddl_cpu_extension_" + hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
@@ -137,9 +138,9 @@ def build_extension(verbose: bool = False) -> ModuleType:
             )
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as error:
         raise KernelBuildError(
-            f"DDL's C++ extension could not be built or loaded ({error}). It needs a C++ compiler, ninja (`pip install "
-            f"ninja`) and PyTorch's headers, and a writable cache folder ({directory}). Without it the ctypes kernels "
-            f"run (set {EXTENSION_VARIABLE}=0 to stop trying)."
+            f"DDL's C++ extension could not be built or loaded ({error}). It needs a C++ compiler, ninja "
+            f"(`pip install ninja`) and PyTorch's headers, and a writable cache folder ({directory}). Without it the "
+            f"ctypes kernels run (set {EXTENSION_VARIABLE}=0 to stop trying)."
         ) from error
 
 
@@ -395,8 +396,8 @@ def projected_rewrite(
 
 
 def channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """CC's read `sum_j w[:, j] X[..., :, j]` of a channel-major state `(..., d, d_v)` with the weight `(d, d_v)`, in one
-    call without autograd; None where the kernel does not apply. The C++ extension where it is built."""
+    """CC's read `sum_j w[:, j] X[..., :, j]` of a channel-major state `(..., d, d_v)` with the weight `(d, d_v)`, in
+    one call without autograd; None where the kernel does not apply. The C++ extension where it is built."""
     cpp = extension()
     if cpp is not None and type(state) in _PLAIN and type(weight) in _PLAIN:
         return cpp.channel_mix(state, weight)
