@@ -38,10 +38,16 @@ _SIGNATURES = {  # the C functions' arguments, in order
     "ddl_rewrite_forward": [_POINTER] * 9 + [_SIZE] * 3 + [_FLOAT, _INT, _INT],
     "ddl_rewrite_backward": [_POINTER] * 11 + [_SIZE] * 3 + [_INT, _INT],
     "ddl_projected_rewrite": [_POINTER] * 8 + [_SIZE] * 3 + [_FLOAT, _INT, _INT, _FLOAT, _INT],
+    "ddl_projected_rewrite_forward": [_POINTER] * 13 + [_SIZE] * 3 + [_FLOAT, _INT, _INT, _FLOAT, _INT],
+    "ddl_projected_rewrite_backward": [_POINTER] * 10 + [_SIZE] * 3 + [_INT, _INT, _FLOAT, _INT],
     "ddl_channel_mix": [_POINTER] * 3 + [_SIZE] * 3 + [_INT],
     "ddl_channel_mix_backward": [_POINTER] * 6 + [_SIZE] * 3 + [_INT],
     "ddl_token_mix_step": [_POINTER] * 5 + [_SIZE] * 8,
     "ddl_expansion_step": [_POINTER] * 3 + [_SIZE] * 4,
+    "ddl_expansion_forward": [_POINTER] * 3 + [_SIZE] * 5 + [_INT],
+    "ddl_expansion_backward": [_POINTER] * 6 + [_SIZE] * 5 + [_INT],
+    "ddl_token_conv_forward": [_POINTER] * 3 + [_SIZE] * 6 + [_INT],
+    "ddl_token_conv_backward": [_POINTER] * 6 + [_SIZE] * 6 + [_INT],
 }
 
 
@@ -273,14 +279,11 @@ def takes_rewrite(state: torch.Tensor, direction: torch.Tensor, target: torch.Te
     return target.shape == (*lead, channels) and beta.shape == (*lead, 1)
 
 
-def rewrite_forward(
-    state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float, erase: bool
-) -> tuple[torch.Tensor | None, ...]:
-    """The rewrite for training (inputs that `takes_rewrite`) in one pass over the state, with what the fused
-    backward and the state tape need, laid out as `delta_ops._rewrite_forward` lays them out: the new state, the
-    input state's channels, `h`, `beta`, and per token `scale`, `read` (None without the erase term), `error` and
-    `coef`. A scalar state keeps its leading shape; an expanded one is flattened to rows `(N, d_v)` (the channels
-    `(N, d_v, d)`), and its new state is channel-major."""
+def _training_outputs(state: torch.Tensor, direction: torch.Tensor, erase: bool) -> tuple[torch.Tensor, ...]:
+    """The rows and the new, uninitialised outputs of a rewrite for training, laid out as `delta_ops._rewrite_forward`
+    lays them out: the new state, the input state's channels, `h`, and per token `scale`, `read` (None without the
+    erase term), `error` and `coef`. A scalar state keeps its leading shape; an expanded one is flattened to rows
+    `(N, d_v)` (the channels `(N, d_v, d)`), and its new state is channel-major."""
     tokens, hidden, channels = _sizes(state, direction)
     if state.dim() == direction.dim():
         per_token = (*direction.shape[:-1], 1)
@@ -289,14 +292,70 @@ def rewrite_forward(
         per_token = (tokens, channels)
         new_state = _empty_channel_major(state.shape, state)
         state = state.transpose(-1, -2).reshape(tokens, channels, hidden)  # a view: the state is channel-major
-        direction, target, beta = direction.reshape(tokens, hidden), target.reshape(per_token), beta.reshape(-1, 1)
+        direction = direction.reshape(tokens, hidden)
     scale = _empty_float32(*per_token[:-1], 1)
     read = _empty_float32(*per_token) if erase else None
     error, coef = _empty_float32(*per_token), _empty_float32(*per_token)
+    return new_state, state, direction, scale, read, error, coef
+
+
+def rewrite_forward(
+    state: torch.Tensor, direction: torch.Tensor, target: torch.Tensor, beta: torch.Tensor, eps: float, erase: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """The rewrite for training (inputs that `takes_rewrite`) in one pass over the state, with what the fused
+    backward and the state tape need (see `_training_outputs`): the new state, the input state's channels, `h`,
+    `beta`, and per token `scale`, `read`, `error` and `coef`."""
+    tokens, hidden, channels = _sizes(state, direction)
+    new_state, state, direction, scale, read, error, coef = _training_outputs(state, direction, erase)
+    target, beta = target.reshape(error.shape), beta.reshape(scale.shape)
     pointers = (*_pointers(state, direction, target, beta, new_state, scale), _pointer(read), *_pointers(error, coef))
     threads = torch.get_num_threads()
     load().ddl_rewrite_forward(*pointers, tokens, hidden, channels, eps, int(erase), threads)
     return new_state, state, direction, beta, scale, read, error, coef
+
+
+def _backward_rows(
+    grad_out: torch.Tensor,
+    scalar: bool,
+    channels: torch.Tensor | None,
+    h: torch.Tensor,
+    beta: torch.Tensor,
+    scale: torch.Tensor,
+    read: torch.Tensor | None,
+    error: torch.Tensor,
+) -> tuple[torch.Tensor, int, int, int] | None:
+    """`grad_out` as contiguous channel rows and `(tokens, d, d_v)`, where the saved tensors are as a training forward
+    left them and `grad_out` is a plain float32 CPU tensor of the state's size outside a traced (compiled autograd)
+    or transformed (functorch) backward; else None."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    hidden = h.shape[-1] if h.dim() else 0
+    value_channels = 1 if scalar else error.shape[-1]
+    tokens = h.numel() // hidden if hidden else 0
+    erase = channels is not None
+    saved = [h, beta, scale, error] + ([channels, read] if erase else [])
+    sizes = [tokens * hidden, tokens, tokens, tokens * value_channels]
+    sizes += [tokens * value_channels * hidden, tokens * value_channels] if erase else []
+    if any(
+        t is None or not (_plain_float32_cpu(t) and t.is_contiguous()) or t.numel() != n for t, n in zip(saved, sizes)
+    ):
+        return None
+    if not _plain_float32_cpu(grad_out) or grad_out.numel() != tokens * value_channels * hidden:
+        return None
+    if not scalar and (grad_out.dim() < 2 or grad_out.shape[-2:] != (hidden, value_channels)):
+        return None
+    grad = grad_out if scalar else grad_out.transpose(-1, -2).reshape(tokens, value_channels, hidden)
+    return grad.contiguous(), tokens, hidden, value_channels  # channel-major rows (a copy only if the layout differs)
+
+
+def _state_gradient(grad_out: torch.Tensor, scalar: bool, erase: bool, state_grad: bool) -> torch.Tensor | None:
+    """The state's gradient to write (the state's layout): `grad_out` itself without the erase term (the write-only
+    control passes it on), a new tensor with it, None if not `state_grad`."""
+    if not erase:
+        return grad_out
+    if not state_grad:
+        return None
+    return _empty_float32(*grad_out.shape) if scalar else _empty_channel_major(grad_out.shape, grad_out)
 
 
 def rewrite_backward(
@@ -316,39 +375,115 @@ def rewrite_backward(
     is not as `rewrite_forward` left it (a saved-tensor hook may have changed it), `grad_out` is not a plain float32
     CPU tensor of the state's size, or the backward is traced (compiled autograd) or transformed (functorch): the
     caller then runs the eager backward."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    rows = _backward_rows(grad_out, scalar, channels, h, beta, scale, read, error)
+    if rows is None:
         return None
-    hidden = h.shape[-1] if h.dim() else 0
-    value_channels = 1 if scalar else error.shape[-1]
-    tokens = h.numel() // hidden if hidden else 0
+    grad, tokens, hidden, value_channels = rows
     erase = channels is not None
-    saved = [h, beta, scale, error] + ([channels, read] if erase else [])
-    sizes = [tokens * hidden, tokens, tokens, tokens * value_channels]
-    sizes += [tokens * value_channels * hidden, tokens * value_channels] if erase else []
-    if any(
-        t is None or not (_plain_float32_cpu(t) and t.is_contiguous()) or t.numel() != n for t, n in zip(saved, sizes)
-    ):
-        return None
-    if not _plain_float32_cpu(grad_out) or grad_out.numel() != tokens * value_channels * hidden:
-        return None
-    if not scalar and (grad_out.dim() < 2 or grad_out.shape[-2:] != (hidden, value_channels)):
-        return None
-    grad = grad_out if scalar else grad_out.transpose(-1, -2).reshape(tokens, value_channels, hidden)
-    grad = grad.contiguous()  # channel-major rows (a copy only if the layout differs)
-    grad_state = grad_out if not erase else None  # the write-only control passes the gradient on
-    if erase and state_grad:
-        grad_state = _empty_float32(*grad_out.shape) if scalar else _empty_channel_major(grad_out.shape, grad_out)
-    written_state_grad = grad_state if erase else None  # NULL: the kernel writes none
-    grad_h, grad_target, grad_beta = (
-        _empty_float32(*h.shape),
-        _empty_float32(*error.shape),
-        _empty_float32(*beta.shape),
-    )
+    grad_state = _state_gradient(grad_out, scalar, erase, state_grad)
+    grad_h, grad_target, grad_beta = (_empty_float32(*t.shape) for t in (h, error, beta))
     state_rows = channels if erase else grad  # not read without the erase term
     pointers = (*_pointers(grad, state_rows, h, scale, beta), _pointer(read), error.data_ptr())
-    pointers += (_pointer(written_state_grad), *_pointers(grad_h, grad_target, grad_beta))
+    pointers += (_pointer(grad_state if erase else None), *_pointers(grad_h, grad_target, grad_beta))
     load().ddl_rewrite_backward(*pointers, tokens, hidden, value_channels, int(erase), torch.get_num_threads())
     return grad_state, grad_h, grad_target, grad_beta
+
+
+def _projection_shapes_match(
+    direction: torch.Tensor,
+    context: torch.Tensor,
+    value_weight: torch.Tensor,
+    value_bias: torch.Tensor | None,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor,
+    channels: int,
+) -> bool:
+    """Whether the context is shaped like the direction and the projections as `nn.Linear(d, d_v)` and
+    `nn.Linear(d, 1)` have them, with at most `MAX_CHANNELS` channels."""
+    hidden = direction.shape[-1]
+    return (
+        channels <= MAX_CHANNELS
+        and context.shape == direction.shape
+        and value_weight.shape == (channels, hidden)
+        and gate_weight.shape == (1, hidden)
+        and gate_bias.shape == (1,)
+        and (value_bias is None or value_bias.shape == (channels,))
+    )
+
+
+def takes_projected_rewrite(
+    state: torch.Tensor,
+    direction: torch.Tensor,
+    context: torch.Tensor,
+    value_weight: torch.Tensor,
+    value_bias: torch.Tensor | None,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor,
+) -> bool:
+    """Whether `projected_rewrite_forward` takes these inputs (see `_applies` and `_projection_shapes_match`)."""
+    weights = (value_weight, gate_weight, gate_bias) + (() if value_bias is None else (value_bias,))
+    if not _applies(state, direction, context, *weights):
+        return False
+    channels = _sizes(state, direction)[2]
+    return _projection_shapes_match(direction, context, value_weight, value_bias, gate_weight, gate_bias, channels)
+
+
+def projected_rewrite_forward(
+    state: torch.Tensor,
+    direction: torch.Tensor,
+    context: torch.Tensor,
+    value_weight: torch.Tensor,
+    value_bias: torch.Tensor | None,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor,
+    eps: float,
+    erase: bool,
+    value_scale: float | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """The projected rewrite for training (inputs that `takes_projected_rewrite`) in one pass: the target and gate
+    from the context as in `projected_rewrite`, then the rewrite as in `rewrite_forward`, with the same outputs (the
+    gate as computed)."""
+    tokens, hidden, channels = _sizes(state, direction)
+    new_state, state, direction, scale, read, error, coef = _training_outputs(state, direction, erase)
+    beta = _empty_float32(*scale.shape)
+    pointers = (*_pointers(state, direction, context, value_weight), _pointer(value_bias))
+    pointers += (*_pointers(gate_weight, gate_bias, new_state, beta, scale), _pointer(read), *_pointers(error, coef))
+    value_sigmoid, value_scale = int(value_scale is not None), 1.0 if value_scale is None else value_scale
+    load().ddl_projected_rewrite_forward(
+        *pointers, tokens, hidden, channels, eps, int(erase), value_sigmoid, value_scale, torch.get_num_threads()
+    )
+    return new_state, state, direction, beta, scale, read, error, coef
+
+
+def projected_rewrite_backward(
+    grad_out: torch.Tensor,
+    scalar: bool,
+    saved: tuple[torch.Tensor | None, ...],
+    value_scale: float | None,
+    state_grad: bool,
+) -> tuple[torch.Tensor | None, ...] | None:
+    """The projected rewrite's backward up to its projections' outputs in one pass, from what
+    `projected_rewrite_forward` saved (`saved`: the channels, `h`, `scale`, `beta`, `read` and `error`): the
+    gradients of the state (as `rewrite_backward` gives it), of `h` (as saved) and of the value and gate logits, as
+    rows `(N, d_v + 1)` (the gate's last). None where `rewrite_backward` would give None."""
+    channels, h, scale, beta, read, error = saved
+    rows = _backward_rows(grad_out, scalar, channels, h, beta, scale, read, error)
+    if rows is None:
+        return None
+    grad, tokens, hidden, value_channels = rows
+    if value_channels > MAX_CHANNELS:
+        return None
+    erase = channels is not None
+    grad_state = _state_gradient(grad_out, scalar, erase, state_grad)
+    grad_h, grad_logits = _empty_float32(*h.shape), _empty_float32(tokens, value_channels + 1)
+    state_rows = channels if erase else grad  # not read without the erase term
+    pointers = (*_pointers(grad, state_rows, h, scale, beta), _pointer(read), error.data_ptr())
+    pointers += (_pointer(grad_state if erase else None), *_pointers(grad_h, grad_logits))
+    value_sigmoid, value_scale = int(value_scale is not None), 1.0 if value_scale is None else value_scale
+    load().ddl_projected_rewrite_backward(
+        *pointers, tokens, hidden, value_channels, int(erase), value_sigmoid, value_scale, torch.get_num_threads()
+    )
+    return grad_state, grad_h, grad_logits
 
 
 def projected_rewrite(
@@ -376,14 +511,7 @@ def projected_rewrite(
     if not _applies(state, direction, context, *weights):
         return None
     tokens, hidden, channels = _sizes(state, direction)
-    shapes_match = (  # as nn.Linear(d, d_v) and nn.Linear(d, 1) have them
-        context.shape == direction.shape
-        and value_weight.shape == (channels, hidden)
-        and gate_weight.shape == (1, hidden)
-        and gate_bias.shape == (1,)
-        and (value_bias is None or value_bias.shape == (channels,))
-    )
-    if channels > MAX_CHANNELS or not shapes_match:
+    if not _projection_shapes_match(direction, context, value_weight, value_bias, gate_weight, gate_bias, channels):
         return None
     out = torch.empty_like(state)
     pointers = (*_pointers(state, direction, context, value_weight), _pointer(value_bias))
@@ -481,3 +609,101 @@ def expansion_step(window: torch.Tensor, conv_weight: torch.Tensor) -> torch.Ten
     out = _empty_float32(batch, 1, channels, hidden)
     load().ddl_expansion_step(*_pointers(window, conv_weight, out), batch, hidden, channels, kernel_size)
     return out.transpose(-1, -2)  # (B, 1, d, d_v), channel-major
+
+
+def expansion_forward(window: torch.Tensor, taps: torch.Tensor) -> torch.Tensor | None:
+    """EC for training in one pass: the states `(B, T, d, d_v)` (channel-major) of the window `(B, K - 1 + T, d)`
+    and the taps `(K, d_v, d)` (`delta_ops._expand`), or None where the kernel does not apply."""
+    if window.dim() != 3 or taps.dim() != 3 or taps.shape[-1] != window.shape[-1]:
+        return None
+    if not all(_plain_float32_cpu(tensor) and tensor.is_contiguous() for tensor in (window, taps)):
+        return None
+    batch, length, hidden = window.shape
+    kernel_size, channels = taps.shape[:2]
+    seq_len = length - kernel_size + 1
+    if seq_len < 0:
+        return None
+    out = _empty_channel_major(torch.Size((batch, seq_len, hidden, channels)), window)
+    sizes = (batch, seq_len, hidden, channels, kernel_size)
+    load().ddl_expansion_forward(*_pointers(window, taps, out), *sizes, torch.get_num_threads())
+    return out
+
+
+def expansion_backward(
+    grad_out: torch.Tensor, window: torch.Tensor, taps: torch.Tensor, window_grad: bool, taps_grad: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """The gradients of `expansion_forward(window, taps)` from the states' gradient `(B, T, d, d_v)` (any layout) in
+    one call: the window's (None unless `window_grad`) and the taps' (None unless `taps_grad`). None where the kernel
+    does not apply."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    if not all(_plain_float32_cpu(tensor) and tensor.is_contiguous() for tensor in (window, taps)):
+        return None
+    batch, length, hidden = window.shape
+    kernel_size, channels = taps.shape[:2]
+    seq_len = length - kernel_size + 1
+    if not _plain_float32_cpu(grad_out) or grad_out.shape != (batch, seq_len, hidden, channels):
+        return None
+    grad = grad_out.transpose(-1, -2).contiguous()  # (B, T, d_v, d): a copy only if not channel-major
+    threads = torch.get_num_threads()
+    grad_window = _empty_float32(batch, length, hidden) if window_grad else None
+    grad_taps = _empty_float32(kernel_size, channels, hidden) if taps_grad else None
+    partial = torch.empty(threads, kernel_size, channels, hidden, dtype=torch.float64) if taps_grad else None
+    pointers = (*_pointers(grad, window, taps), _pointer(grad_window), _pointer(grad_taps), _pointer(partial))
+    load().ddl_expansion_backward(*pointers, batch, seq_len, hidden, channels, kernel_size, threads)
+    return grad_window, grad_taps
+
+
+def _token_conv_sizes(window: torch.Tensor, weight: torch.Tensor, padding: int) -> tuple[int, ...] | None:
+    """`(B, L, d, d_v, K, padding)` of TC's token convolution of a contiguous channel-major window `(B, L, d_v, d)`
+    with a kernel `(K, d_v, d)` (see `delta_ops._token_conv`), or None where the kernels do not take them."""
+    if window.dim() != 4 or weight.dim() != 3 or weight.shape[1:] != window.shape[2:] or padding < 0:
+        return None
+    if not (all(_plain_float32_cpu(tensor) for tensor in (window, weight)) and window.is_contiguous()):
+        return None
+    batch, length, channels, hidden = window.shape
+    kernel_size = weight.shape[0]
+    if length + padding - kernel_size + 1 < 0:
+        return None
+    return batch, length, hidden, channels, kernel_size, padding
+
+
+def token_conv_forward(window: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor | None:
+    """TC's token convolution `(B, L + padding - K + 1, d)` in one call (`delta_ops._token_conv`: `padding` zero
+    tokens before the window), or None where the kernel does not apply."""
+    sizes = _token_conv_sizes(window, weight, padding)
+    if sizes is None:
+        return None
+    batch, length, hidden, _, kernel_size, _ = sizes
+    out, weight = _empty_float32(batch, length + padding - kernel_size + 1, hidden), weight.contiguous()
+    load().ddl_token_conv_forward(*_pointers(window, weight, out), *sizes, torch.get_num_threads())
+    return out
+
+
+def token_conv_backward(
+    grad_out: torch.Tensor,
+    window: torch.Tensor,
+    weight: torch.Tensor,
+    padding: int,
+    window_grad: bool,
+    weight_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """The gradients of `token_conv_forward(window, weight, padding)` from the output's gradient in one call: the
+    window's (None unless `window_grad`) and the kernel's (None unless `weight_grad`). None where the kernel does not
+    apply."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    sizes = _token_conv_sizes(window, weight, padding)
+    if sizes is None:
+        return None
+    batch, length, hidden, channels, kernel_size, _ = sizes
+    if not _plain_float32_cpu(grad_out) or grad_out.shape != (batch, length + padding - kernel_size + 1, hidden):
+        return None
+    threads = torch.get_num_threads()
+    grad_window = _empty_float32(*window.shape) if window_grad else None
+    grad_weight = _empty_float32(*weight.shape) if weight_grad else None
+    partial = torch.empty(threads, *weight.shape, dtype=torch.float64) if weight_grad else None
+    grad, weight = grad_out.contiguous(), weight.contiguous()  # kept alive until the call returns
+    pointers = (*_pointers(grad, window, weight), _pointer(grad_window), _pointer(grad_weight))
+    load().ddl_token_conv_backward(*pointers, _pointer(partial), *sizes, threads)
+    return grad_window, grad_weight

@@ -330,31 +330,91 @@ class _FusedRewrite(torch.autograd.Function):
             )
         if grads is None:  # no kernels, or the C backward does not take these tensors (see its docstring)
             with _autocast_off(grad_out.device):
-                grads = _FusedRewrite._backward(ctx, grad_out)
+                grads = _rewrite_backward(grad_out, ctx.scalar, ctx.erase, ctx.needs_input_grad[0], *ctx.saved_tensors)
         grad_state, *grads = grads
-        grads = [g.reshape(shape).to(dtype) for g, (shape, dtype) in zip(grads, ctx.inputs)]
-        return grad_state if ctx.needs_input_grad[0] else None, *grads, None, None, None
+        return grad_state if ctx.needs_input_grad[0] else None, *_like_inputs(grads, ctx.inputs), None, None, None
+
+
+def _like_inputs(grads, inputs: list[tuple[torch.Size, torch.dtype] | None]) -> list[torch.Tensor | None]:
+    """Gradients reshaped and cast as their inputs `(shape, dtype)` were; None for a missing gradient or input."""
+    return [None if g is None or like is None else g.reshape(like[0]).to(like[1]) for g, like in zip(grads, inputs)]
+
+
+def _rewrite_backward(grad_out, scalar, erase, state_grad, channels, h, scale, beta, read, error):
+    """The rewrite's eager backward from what its forward saved: the gradients of the state, `h`, the target and the
+    gate (the last three as rows)."""
+    grad = grad_out if scalar else _flat(grad_out)  # an unbatched expanded state has the rows' rank
+    grad_wide, h_wide = _wide(grad), _wide(h)
+    k_grad = _read(grad_wide, h_wide).mul_(scale)  # k^T G, (..., d_v)
+    grad_target, grad_beta = beta * k_grad, (error * k_grad).sum(-1, keepdim=True)
+    # dL/dk = G (beta e) - X (beta k^T G), and dL/dh = scale (dL/dk - k k^T dL/dk)
+    write_weights = beta * error
+    k_dot = (write_weights * k_grad).sum(-1, keepdim=True)
+    grad_direction = _combine(write_weights * scale, grad_wide)
+    if erase:
+        k_dot = k_dot - (grad_target * read).sum(-1, keepdim=True)
+        _combine_into(grad_direction, -grad_target * scale, _wide(channels))
+    grad_direction.addcmul_(h_wide, k_dot * scale.square(), value=-1)
+    grad_state = grad_out
+    if erase and state_grad:
+        grad_state = _add_outer(grad_out, grad, -grad_target * scale, h)  # G - beta k (k^T G)
+    return grad_state, grad_direction, grad_target, grad_beta
+
+
+class _FusedProjectedRewrite(torch.autograd.Function):
+    """The rewrite with its target `value_scale * sigmoid(W_v c + b_v)` (or `W_v c + b_v`) and gate
+    `2 sigmoid(w_g c + b_g)` projected from the context `c`, as one node on the CPU: its forward and its backward (the
+    gradients of the context and of the projections' weights included) are one C call each (`cpu_kernels`), in place
+    of the projections' matrix products, activations and their backwards. Saves what `_FusedRewrite` saves, the
+    context and the weights (no copies)."""
 
     @staticmethod
-    def _backward(ctx, grad_out):
-        """The eager backward: the gradients of the state, `h`, the target and the gate (the last three as rows)."""
-        channels, h, scale, beta, read, error = ctx.saved_tensors
-        grad = grad_out if ctx.scalar else _flat(grad_out)  # an unbatched expanded state has the rows' rank
-        grad_wide, h_wide = _wide(grad), _wide(h)
-        k_grad = _read(grad_wide, h_wide).mul_(scale)  # k^T G, (..., d_v)
-        grad_target, grad_beta = beta * k_grad, (error * k_grad).sum(-1, keepdim=True)
-        # dL/dk = G (beta e) - X (beta k^T G), and dL/dh = scale (dL/dk - k k^T dL/dk)
-        write_weights = beta * error
-        k_dot = (write_weights * k_grad).sum(-1, keepdim=True)
-        grad_direction = _combine(write_weights * scale, grad_wide)
-        if ctx.erase:
-            k_dot = k_dot - (grad_target * read).sum(-1, keepdim=True)
-            _combine_into(grad_direction, -grad_target * scale, _wide(channels))
-        grad_direction.addcmul_(h_wide, k_dot * scale.square(), value=-1)
-        grad_state = grad_out
-        if ctx.erase and ctx.needs_input_grad[0]:
-            grad_state = _add_outer(grad_out, grad, -grad_target * scale, h)  # G - beta k (k^T G)
-        return grad_state, grad_direction, grad_target, grad_beta
+    def forward(ctx, state, direction, context, value_weight, value_bias, gate_weight, gate_bias, eps, erase, scale):
+        kernels = _native_module()
+        weights = (value_weight, value_bias, gate_weight, gate_bias)
+        new_state, channels, h, beta, h_scale, read, error, coef = kernels.projected_rewrite_forward(
+            state, direction, context, *weights, eps, erase, scale
+        )
+        ctx.erase, ctx.scalar, ctx.value_scale = erase, state.dim() == direction.dim(), scale
+        ctx.shapes = [None if t is None else (t.shape, t.dtype) for t in (direction, context, *weights)]
+        ctx.save_for_backward(channels if erase else None, h, h_scale, beta, read, error, context, *weights)
+        ctx.mark_non_differentiable(coef)
+        return new_state, coef
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_coef):
+        channels, h, h_scale, beta, read, error, context, value_weight, _, gate_weight, _ = ctx.saved_tensors
+        needs, saved = ctx.needs_input_grad, (channels, h, h_scale, beta, read, error)
+        grads = _native_module().projected_rewrite_backward(grad_out, ctx.scalar, saved, ctx.value_scale, needs[0])
+        if grads is None:  # the C backward does not take these tensors (see its docstring)
+            grads = _projected_rewrite_backward(grad_out, ctx.scalar, ctx.erase, needs[0], saved, ctx.value_scale)
+        grad_state, grad_h, grad_logits = grads  # grad_logits: (N, d_v + 1), the projections' outputs
+        grad_context = grad_weights = None
+        if needs[2]:
+            grad_context = grad_logits @ torch.cat([value_weight, gate_weight])  # (N, d)
+        if any(needs[3:7]):
+            grad_weight, grad_bias = grad_logits.t() @ context.reshape(-1, context.shape[-1]), grad_logits.sum(0)
+            value_channels = value_weight.shape[0]
+            grad_weights = (grad_weight[:value_channels], grad_bias[:value_channels])
+            grad_weights += (grad_weight[value_channels:], grad_bias[value_channels:])
+        grads = (grad_h, grad_context, *(grad_weights or (None,) * 4))
+        return grad_state if needs[0] else None, *_like_inputs(grads, ctx.shapes), None, None, None
+
+
+def _projected_rewrite_backward(grad_out, scalar, erase, state_grad, saved, value_scale):
+    """`cpu_kernels.projected_rewrite_backward` with PyTorch operators: the rewrite's backward (`_rewrite_backward`),
+    then through the activations to the projections' outputs."""
+    grad_state, grad_h, grad_target, grad_beta = _rewrite_backward(grad_out, scalar, erase, state_grad, *saved)
+    _, _, _, beta, read, error = saved
+    value_channels = error.shape[-1]
+    grad_value = grad_target.reshape(-1, value_channels)
+    if value_scale is not None:  # d(s sigmoid(z))/dz = v (1 - v / s)
+        target = (error + read if erase else error).reshape(grad_value.shape)
+        grad_value = grad_value * target * (1 - target / value_scale)
+    beta = beta.reshape(-1, 1)
+    grad_gate = grad_beta.reshape(-1, 1) * beta * (1 - beta / 2)  # d(2 sigmoid(z))/dz = beta (1 - beta / 2)
+    return grad_state, grad_h, torch.cat([grad_value, grad_gate], -1)
 
 
 def projected_rewrite(
@@ -368,27 +428,20 @@ def projected_rewrite(
     value_scale: float | None,
 ) -> torch.Tensor | None:
     """The rewrite with its target `value_proj(c)` (then `value_scale * sigmoid`, unless None) and gate
-    `2 sigmoid(gate_proj(c))` computed in the same C call (`cpu_kernels.projected_rewrite`), or None where that does
-    not apply: another implementation than native, autograd needed, `torch.compile` tracing, other dtypes or devices.
-    Decoding a token then costs one call per sublayer instead of about fifteen PyTorch operations."""
-    if _needs_grad(state, direction, context, value_proj, gate_proj):
-        return None
+    `2 sigmoid(gate_proj(c))` computed in the same C call, or None where that does not apply: another
+    implementation than native, `torch.compile` tracing, autocast, other dtypes or devices. Without autograd one call
+    (`cpu_kernels.projected_rewrite`): decoding a token costs one call per sublayer instead of about fifteen PyTorch
+    operations; with autograd one node (`_FusedProjectedRewrite`), whose rewrite the state tape records."""
     if torch.is_autocast_enabled("cpu"):  # autocast would make the projections bfloat16
         return None
-    return _native(
-        "projected_rewrite",
-        state,
-        state,
-        direction,
-        context,
-        value_proj.weight,
-        value_proj.bias,
-        gate_proj.weight,
-        gate_proj.bias,
-        eps,
-        erase,
-        value_scale,
-    )
+    weights = (value_proj.weight, value_proj.bias, gate_proj.weight, gate_proj.bias)
+    if not _needs_grad(state, direction, context, value_proj, gate_proj):
+        return _native("projected_rewrite", state, state, direction, context, *weights, eps, erase, value_scale)
+    if not _native("takes_projected_rewrite", state, state, direction, context, *weights):
+        return None
+    new_state, coef = _FusedProjectedRewrite.apply(state, direction, context, *weights, eps, erase, value_scale)
+    record_rewrite(new_state, state, direction, coef.view(*direction.shape[:-1], coef.shape[-1]))
+    return new_state
 
 
 def _needs_grad(*items: torch.Tensor | torch.nn.Module) -> bool:
@@ -523,6 +576,10 @@ class _FusedTokenConv(torch.autograd.Function):
         ctx.padding, ctx.kernels = padding, kernels
         if kernels is not None:
             return kernels.token_conv_forward(window, weight, padding, _conv_dtype(window))
+        if not torch.is_autocast_enabled("cpu"):
+            mixed = _native("token_conv_forward", window, window, weight, padding)
+            if mixed is not None:
+                return mixed
         return _token_conv(window, weight, padding)
 
     @staticmethod
@@ -535,6 +592,11 @@ class _FusedTokenConv(torch.autograd.Function):
                 grad_out, window, weight, ctx.padding, ctx.needs_input_grad[:2]
             )
             return grad_window, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+        grads = _native(
+            "token_conv_backward", window, grad_out, window, weight, ctx.padding, *ctx.needs_input_grad[:2]
+        )
+        if grads is not None:
+            return *grads, None, None
         with _autocast_off(grad_out.device):
             if ctx.needs_input_grad[0]:
                 grad = grad_out.to(window.dtype)  # differs under autocast (a bfloat16 output of float32 inputs)
@@ -611,6 +673,12 @@ def _expansion_taps(conv_weight: torch.Tensor, hidden: int) -> torch.Tensor:
     return conv_weight.view(hidden, -1, conv_weight.shape[-1]).permute(2, 1, 0).contiguous()
 
 
+def _taps_as_weight(taps: torch.Tensor) -> torch.Tensor:
+    """Taps `(K, d_v, d)` as the EC convolution weight `(d * d_v, 1, K)` (`_expansion_taps` undone)."""
+    kernel_size, value_channels, hidden = taps.shape
+    return taps.permute(2, 1, 0).reshape(hidden * value_channels, 1, kernel_size)
+
+
 def _expand(window: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """`sum_tap window[:, tap : tap + T, :] * taps[tap]` into a new channel-major state `(B, T, d, d_v)`."""
     batch, length, hidden = window.shape
@@ -632,13 +700,18 @@ class _FusedExpansion(torch.autograd.Function):
         taps = _expansion_taps(conv_weight, window.shape[-1]).to(window.dtype)  # (K, d_v, d)
         ctx.save_for_backward(window, taps)
         ctx.weight_dtype = conv_weight.dtype
-        return _expand(window, taps)
+        expanded = _native("expansion_forward", window, window, taps)
+        return expanded if expanded is not None else _expand(window, taps)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         window, taps = ctx.saved_tensors
         kernel_size, value_channels, hidden = taps.shape
+        grads = _native("expansion_backward", window, grad_out, window, taps, *ctx.needs_input_grad)
+        if grads is not None:
+            grad_window, grad_taps = grads
+            return grad_window, None if grad_taps is None else _taps_as_weight(grad_taps).to(ctx.weight_dtype)
         grad = channel_major(grad_out).to(window.dtype)  # (B, T, d_v, d)
         seq_len = grad.shape[1]
         grad_window = grad_weight = None
@@ -650,8 +723,7 @@ class _FusedExpansion(torch.autograd.Function):
                     inputs.addcmul_(grad[:, :, channel], taps[tap, channel])
         if ctx.needs_input_grad[1]:
             grad_taps = _tap_gradients(grad, window.unsqueeze(2), kernel_size, padding=0)  # (K, d_v, d)
-            grad_weight = grad_taps.permute(2, 1, 0).reshape(hidden * value_channels, 1, kernel_size)
-            grad_weight = grad_weight.to(ctx.weight_dtype)
+            grad_weight = _taps_as_weight(grad_taps).to(ctx.weight_dtype)
         return grad_window, grad_weight
 
 

@@ -323,7 +323,7 @@ class DDLDeltaResidual(nn.Module):
         if self.residual_mode == "additive":
             return state + (sublayer_output if state.dim() == sublayer_output.dim() else sublayer_output.unsqueeze(-1))
         new_state = self._projected_rewrite(state, sublayer_output, context)
-        if new_state is not None:  # decoding on the CPU: projections and rewrite in one kernel call
+        if new_state is not None:  # on the CPU: projections and rewrite in one C call (one autograd node in training)
             return new_state
         target, beta = self.target_and_gate(context)
         return rewrite_function(self.residual_mode)(state, sublayer_output, target, beta, self.eps)

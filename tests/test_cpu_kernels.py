@@ -44,7 +44,17 @@ def three_threads():
 
 
 NO_GRAD_KERNELS = ("rewrite", "projected_rewrite", "channel_mix", "token_mix_step", "expansion_step")
-TRAINING_KERNELS = ("rewrite_forward", "rewrite_backward", "channel_mix_backward")
+TRAINING_KERNELS = (
+    "rewrite_forward",
+    "rewrite_backward",
+    "projected_rewrite_forward",
+    "projected_rewrite_backward",
+    "channel_mix_backward",
+    "expansion_forward",
+    "expansion_backward",
+    "token_conv_forward",
+    "token_conv_backward",
+)
 
 
 @pytest.fixture
@@ -200,6 +210,165 @@ def test_channel_mix_backward_matches_the_reference(needs_grad, lead, three_thre
         assert grads[0].mT.is_contiguous()  # channel-major, like the rewrite's state gradient
 
 
+def projected_inputs(lead: tuple[int, ...], hidden: int, channels: int, value_bias: bool) -> dict[str, torch.Tensor]:
+    """A rewrite's state and direction, a context, and value and gate projections as `nn.Linear` weights."""
+    state, direction = rewrite_inputs(lead, hidden, channels)[:2]
+    tensors = {"state": state, "direction": direction, "context": torch.randn(*lead, hidden)}
+    tensors.update(value_weight=torch.randn(channels, hidden) / 3, gate_weight=torch.randn(1, hidden) / 3)
+    tensors.update(value_bias=torch.randn(channels) if value_bias else None, gate_bias=torch.randn(1))
+    return tensors
+
+
+def projected_reference(state, direction, context, value_weight, value_bias, gate_weight, gate_bias, erase, scale):
+    """The projected rewrite as the model's reference path computes it: target and gate, then the rewrite."""
+    value = torch.nn.functional.linear(context, value_weight, value_bias)
+    target = value if scale is None else scale * torch.sigmoid(value)
+    beta = 2 * torch.sigmoid(torch.nn.functional.linear(context, gate_weight, gate_bias))
+    return (delta_update if erase else write_only_update)(state, direction, target, beta, 1e-5)
+
+
+def projected_native(tensors: dict[str, torch.Tensor], erase: bool, scale: float | None) -> torch.Tensor:
+    """`delta_ops.projected_rewrite` on `tensors`, with the projections as `nn.Linear`s holding their weights."""
+    hidden, channels = tensors["value_weight"].shape[1], tensors["value_weight"].shape[0]
+    value_proj = torch.nn.Linear(hidden, channels, bias=tensors["value_bias"] is not None)
+    gate_proj = torch.nn.Linear(hidden, 1)
+    value_proj.weight, gate_proj.weight = tensors["value_weight"], tensors["gate_weight"]
+    value_proj.bias, gate_proj.bias = tensors["value_bias"], tensors["gate_bias"]
+    return delta_ops.projected_rewrite(
+        tensors["state"], tensors["direction"], tensors["context"], value_proj, gate_proj, 1e-5, erase, scale
+    )
+
+
+def as_parameters(tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors, those named requiring gradients (weights and biases as `nn.Parameter`s, frozen or not)."""
+    out = {}
+    for name, tensor in tensors.items():
+        if tensor is not None and name.endswith(("weight", "bias")):
+            tensor = torch.nn.Parameter(tensor.clone(), requires_grad=name in names)
+        elif tensor is not None and name in names:
+            tensor = tensor.clone().requires_grad_()
+        out[name] = tensor
+    return out
+
+
+@pytest.mark.parametrize("needs_grad", ["all", "weights", "context", "state"])
+@pytest.mark.parametrize("value", ["sigmoid", "linear"])
+@pytest.mark.parametrize("erase", [True, False])
+@pytest.mark.parametrize("lead", [(1, 1), (0, 4), (1, 67)], ids=["one-token", "none", "67"])
+@pytest.mark.parametrize("channels", [1, 4])
+def test_projected_training_matches_the_reference(
+    needs_grad, value, erase, lead, channels, three_threads, kernel_calls
+):
+    torch.manual_seed(0)
+    tensors = projected_inputs(lead, 24, channels, value_bias=value == "sigmoid")
+    every = ["state", "direction", "context", "value_weight", "value_bias", "gate_weight", "gate_bias"]
+    names = {"all": every, "weights": every[3:], "context": ["context"], "state": ["state", "direction"]}[needs_grad]
+    names = [name for name in names if tensors[name] is not None]
+    scale = 4.0 if value == "sigmoid" else None
+    inputs = as_parameters(tensors, names)
+    out = projected_native(inputs, erase, scale)
+    assert kernel_calls["projected_rewrite_forward"] == 1
+    assert out.stride() == tensors["state"].stride()  # channel-major stays channel-major
+    grad_out = torch.randn(out.shape)
+    grads = torch.autograd.grad(out, [inputs[name] for name in names], grad_out)
+    assert kernel_calls["projected_rewrite_backward"] == 1
+    wide = as_parameters({k: None if v is None else v.double() for k, v in tensors.items()}, names)
+    expected = projected_reference(**wide, erase=erase, scale=scale)
+    expected_grads = torch.autograd.grad(expected, [wide[name] for name in names], grad_out.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for name, grad, expected_grad in zip(names, grads, expected_grads):
+        assert grad.shape == tensors[name].shape and grad.dtype == torch.float32
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("setting", ["no C backward", "saved-tensor hook", "compiled autograd"])
+@pytest.mark.parametrize("channels", [1, 4])
+def test_the_projected_backward_without_c_matches(setting, channels, kernel_calls, monkeypatch):
+    torch.manual_seed(0)
+    tensors = projected_inputs((2, 5), 24, channels, value_bias=True)
+    names = [name for name in tensors if name != "context"]  # the context needs no gradient here
+    inputs = as_parameters(tensors, names)
+    grad_out = torch.randn(tensors["state"].shape)
+    expected = torch.autograd.grad(projected_native(inputs, True, 4.0), [inputs[n] for n in names], grad_out)
+    assert kernel_calls["projected_rewrite_backward"] == 1
+    forward_context, backward_context = nullcontext(), nullcontext()
+    if setting == "no C backward":
+        monkeypatch.setattr(cpu_kernels, "projected_rewrite_backward", lambda *args: None)
+    elif setting == "saved-tensor hook":  # gives back the same values with other strides
+
+        def other_layout(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if tensor.dim() < 2 else tensor.mT.contiguous().mT
+
+        forward_context = torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, other_layout)
+    else:  # Dynamo traces the backward: no C call can be in it
+        torch._dynamo.reset()
+        backward_context = torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager"))
+    with forward_context:
+        out = projected_native(inputs, True, 4.0)
+    with backward_context:
+        (out * grad_out).sum().backward()
+    for name, expected_grad in zip(names, expected):
+        torch.testing.assert_close(inputs[name].grad, expected_grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert kernel_calls["projected_rewrite_backward"] == 1
+
+
+@pytest.mark.parametrize("needs_grad", ["both", "window", "weight"])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 4), (2, 37, 4), (3, 30, 1), (1, 2, 5)], ids=["one", "74", "kernel-1", "short"]
+)
+def test_expansion_training_kernels_match_the_reference(needs_grad, shape, three_threads, kernel_calls):
+    torch.manual_seed(0)
+    batch, seq_len, kernel_size = shape
+    tensors = {
+        "window": torch.randn(batch, kernel_size - 1 + seq_len, 24),
+        "weight": torch.randn(24 * 3, 1, kernel_size),
+    }
+    names = ["window", "weight"] if needs_grad == "both" else [needs_grad]
+    inputs = {name: tensor.clone().requires_grad_(name in names) for name, tensor in tensors.items()}
+    out = delta_ops.fused_expand_embeddings(inputs["window"], inputs["weight"])
+    assert out.mT.is_contiguous()  # channel-major
+    grad_out = torch.randn(out.shape)
+    grads = torch.autograd.grad(out, [inputs[name] for name in names], grad_out)
+    assert kernel_calls["expansion_forward"] == kernel_calls["expansion_backward"] == 1
+    wide = {name: tensor.double().requires_grad_(name in names) for name, tensor in tensors.items()}
+    expected = expand_embeddings(wide["window"], wide["weight"])
+    expected_grads = torch.autograd.grad(expected, [wide[name] for name in names], grad_out.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("needs_grad", ["all", "states", "weights"])
+@pytest.mark.parametrize(
+    ("batch", "seq_len", "kernel_size", "history_len"),
+    [(2, 37, 4, None), (3, 30, 3, 2), (1, 2, 4, None), (2, 40, 1, None)],
+    ids=["74", "history", "short", "kernel-1"],
+)
+def test_token_conv_training_kernels_match_the_reference(
+    needs_grad, batch, seq_len, kernel_size, history_len, three_threads, kernel_calls
+):
+    torch.manual_seed(0)
+    tensors = {
+        "states": channel_major_state(batch, seq_len, 24, 3),
+        "conv_weight": torch.randn(24 * 3, 1, kernel_size),
+        "read": torch.randn(3),
+        "history": None if history_len is None else torch.randn(batch, history_len, 24, 3),
+    }
+    names = {"all": ["states", "conv_weight", "read"], "states": ["states"], "weights": ["conv_weight", "read"]}
+    names = names[needs_grad] + (["history"] if history_len and needs_grad == "all" else [])
+    inputs = {k: None if v is None else v.clone().requires_grad_(k in names) for k, v in tensors.items()}
+    out = delta_ops.fused_token_mix(**inputs)
+    grad_out = torch.randn(out.shape)
+    grads = torch.autograd.grad(out, [inputs[name] for name in names], grad_out)
+    assert kernel_calls["token_conv_forward"] == kernel_calls["token_conv_backward"] == 1
+    wide = {k: None if v is None else v.double().requires_grad_(k in names) for k, v in tensors.items()}
+    expected = token_mix(**wide)
+    expected_grads = torch.autograd.grad(expected, [wide[name] for name in names], grad_out.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for name, grad, expected_grad in zip(names, grads, expected_grads):
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
 @pytest.mark.parametrize("name", ALL_PRESETS)
 def test_native_training_matches_the_reference(name, checkpointing, kernel_calls, two_threads):
@@ -219,11 +388,17 @@ def test_native_training_matches_the_reference(name, checkpointing, kernel_calls
     config = model.config
     delta = config.residual_mode != "additive"
     forwards = (2 if checkpointing else 1) * 2 * config.num_hidden_layers * delta  # checkpointing runs it again
-    assert kernel_calls["rewrite_forward"] == forwards and kernel_calls["rewrite_backward"] == forwards // (
-        1 + checkpointing
-    )
+    # plain projections: every rewrite is the projected node, forward and backward in C
+    assert kernel_calls["projected_rewrite_forward"] == forwards
+    assert kernel_calls["projected_rewrite_backward"] == forwards // (1 + checkpointing)
+    assert kernel_calls["rewrite_forward"] == kernel_calls["rewrite_backward"] == 0
     channel_reads = 2 * config.num_hidden_layers * (config.state_compressor == "channel") + 1  # and the readout
     assert kernel_calls["channel_mix_backward"] == channel_reads * config.expanded_state
+    token_convs = 2 * config.num_hidden_layers * (config.expanded_state and config.state_compressor == "token")
+    assert kernel_calls["token_conv_forward"] == token_convs * (1 + checkpointing)
+    assert kernel_calls["token_conv_backward"] == token_convs
+    expansions = int(config.uses_embedding_expansion)  # before the first layer: never checkpointed
+    assert kernel_calls["expansion_forward"] == kernel_calls["expansion_backward"] == expansions
 
 
 @pytest.mark.parametrize("lead", [(1, 1), (2, 33)], ids=["one-token", "66-tokens"])
@@ -350,16 +525,21 @@ def test_kernels_keep_out_of_autograd_and_of_hooked_projections(kernel_calls):
     residual = DDLDeltaResidual(tiny_config("ddl-cc"))
     state, direction = rewrite_inputs((1, 4), residual.value_proj.in_features, 4)[:2]
     context = torch.randn_like(direction)
-    residual(state, direction, context).sum().backward()  # parameters need gradients: the autograd operators
+    residual(state, direction, context).sum().backward()  # parameters need gradients: the autograd node
     assert residual.value_proj.weight.grad is not None
     assert all(kernel_calls[name] == 0 for name in NO_GRAD_KERNELS)
-    assert kernel_calls["rewrite_forward"] == kernel_calls["rewrite_backward"] == 1  # in C inside the autograd node
+    assert kernel_calls["projected_rewrite_forward"] == kernel_calls["projected_rewrite_backward"] == 1
     seen = []
     residual.value_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     with torch.no_grad():
         residual(state, direction, context)
     assert seen == [(1, 4, 4)] and kernel_calls["projected_rewrite"] == 0
     assert kernel_calls["rewrite"] == 1  # the rewrite alone still runs in C
+    residual.zero_grad()
+    residual(state, direction, context).sum().backward()  # the hook runs, then the rewrite alone in C
+    assert seen == [(1, 4, 4)] * 2 and residual.value_proj.weight.grad is not None
+    assert kernel_calls["projected_rewrite_forward"] == 1
+    assert kernel_calls["rewrite_forward"] == kernel_calls["rewrite_backward"] == 1
 
 
 @pytest.mark.parametrize("binding", ["ctypes", "extension"])

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import perturbed_model
 
 from ddl_transformers import data
@@ -183,7 +182,7 @@ def saved_model(tmp_path_factory, corpus):
 
 
 @pytest.mark.slow
-def test_lm_eval_cli_word_perplexity_matches_ours(saved_model, task_folder, tmp_path):
+def test_lm_eval_cli_word_perplexity_matches_ours(saved_model, task_folder, tmp_path, single_thread):
     folder, model, tokenizer = saved_model
     documents = read_jsonl(task_folder / "test.jsonl")
     lengths = [len(ids) for ids in tokenizer(documents)["input_ids"]]
@@ -241,7 +240,6 @@ def test_lm_eval_cli_word_perplexity_matches_ours(saved_model, task_folder, tmp_
     )
     assert [s["doc"]["text"] for s in samples] == documents
 
-    torch.set_num_threads(1)
     ours = evaluate_perplexity(model, tokenizer, documents, max_length=MAX_LENGTH, per_document=True, batch_size=4)
     assert ours["max_length"] == MAX_LENGTH and ours["stride"] == MAX_LENGTH
     # the same words and bytes per document ...

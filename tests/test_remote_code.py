@@ -22,6 +22,7 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent(
     import torch
     from transformers import AutoModelForCausalLM
     folder, out = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(int(sys.argv[3]))  # the test's: other counts may round the matrix products otherwise
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     assert "ddl_transformers" not in type(model).__module__, type(model).__module__
     with torch.no_grad():
@@ -59,7 +60,7 @@ def test_saved_folder_loads_as_remote_code_with_identical_logits(tmp_path, name)
 
     result_file = tmp_path / "result.pt"
     subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(folder), str(result_file)],
+        [sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(folder), str(result_file), str(torch.get_num_threads())],
         check=True,
         cwd=tmp_path,
         env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin"},
