@@ -651,6 +651,22 @@ def test_the_projected_rewrite_steps_aside_where_it_does_not_apply(change, kerne
     torch.testing.assert_close(outputs["native"], outputs["fused"], rtol=1e-5, atol=1e-5)
 
 
+def test_a_projection_weight_that_is_not_a_parameter_is_still_read(kernel_calls):
+    # the kernels read plain projections' weights from their parameter dictionaries; a weight set as a plain tensor
+    # attribute (not a parameter) is read as an attribute
+    residual = DDLDeltaResidual(tiny_config("ddl-cc")).requires_grad_(False)
+    state, direction = rewrite_inputs((1, 3), residual.value_proj.in_features, 4)[:2]
+    weight = torch.randn_like(residual.value_proj.weight)
+    del residual.value_proj.weight
+    residual.value_proj.weight = weight
+    with torch.no_grad():
+        got = residual(state, direction, direction)
+        delta_ops.set_implementation("reference")
+        expected = residual(state, direction, direction)
+    assert kernel_calls["projected_rewrite"] == 1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_the_kernels_keep_gradients_of_inputs_of_a_frozen_model(kernel_calls):
     residual = DDLDeltaResidual(tiny_config("ddl-cc")).requires_grad_(False)
     state, direction = rewrite_inputs((1, 3), residual.value_proj.in_features, 4)[:2]
