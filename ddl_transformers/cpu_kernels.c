@@ -28,6 +28,17 @@ static float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 #define TILE 16 /* tokens whose products add_products sums in registers before adding them to a double */
 
+/* out[m] = sum over the threads' parts of partial[part * size + m], for m < size. */
+static void add_up_parts(const double *partial, int64_t parts, int64_t size, float *out)
+{
+    for (int64_t m = 0; m < size; ++m) {
+        double total = 0.0;
+        for (int64_t part = 0; part < parts; ++part)
+            total += partial[part * size + m];
+        out[m] = (float)total;
+    }
+}
+
 /* sum[i] += sum over n < count of a[n * a_stride + i] * b[n * b_stride + i]: the weight gradients' sums over tokens,
  * 16 features at a time, each summed over the `count` (at most TILE) tokens in float first. */
 static void add_products(double *sum, const float *a, int64_t a_stride, const float *b, int64_t b_stride,
@@ -455,12 +466,7 @@ void ddl_expansion_backward(const float *grad, const float *window, const float 
                                  channels * hidden, e + k * hidden, hidden, count, hidden);
         }
     }
-    for (int64_t m = 0; m < size; ++m) {
-        double total = 0.0;
-        for (int64_t part = 0; part < threads; ++part)
-            total += partial[part * size + m];
-        grad_taps[m] = (float)total;
-    }
+    add_up_parts(partial, threads, size, grad_taps);
 }
 
 /* TC's token convolution for training: out[t] = sum over taps k and channels j of w[k][j] * X_j[t + k - padding]
@@ -550,10 +556,5 @@ void ddl_token_conv_backward(const float *grad, const float *window, const float
             }
         }
     }
-    for (int64_t m = 0; m < size; ++m) {
-        double total = 0.0;
-        for (int64_t part = 0; part < threads; ++part)
-            total += partial[part * size + m];
-        grad_weight[m] = (float)total;
-    }
+    add_up_parts(partial, threads, size, grad_weight);
 }

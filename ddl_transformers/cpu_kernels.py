@@ -1,6 +1,7 @@
 """DDL's CPU kernels: the rewrite without autograd (decoding, prefill and evaluation without gradients) as one C call
 instead of about ten PyTorch operations, each of which costs microseconds to dispatch when a token is decoded; and,
-for training, the rewrite's forward and backward and the backward of CC's read, one pass over the state each.
+for training, one pass over the state each for the rewrite with its value and gate projections (forward, and backward
+to the projections' outputs), CC's read and its backward, and EC's and TC's token convolutions and their backwards.
 
 Chosen by `delta_ops.set_implementation("native")` (the default) for float32 CPU tensors; everything else keeps the
 fused PyTorch operators. The C source (`cpu_kernels.c`, next to this file) is compiled on first use with the system's

@@ -577,7 +577,8 @@ class _FusedTokenConv(torch.autograd.Function):
     convolution's own weight gradient (several times slower there). The window's gradient is the convolution's.
     The forward runs under autocast like any convolution; the backward runs in the inputs' dtypes (the kernel's
     gradient in float32 at least). `kernels`: the Triton module doing all of it (a float32 sum in the output dtype
-    a convolution would have), or None."""
+    a convolution would have), or None. With the native implementation, float32 CPU tensors take one C call each way
+    (`cpu_kernels.token_conv_forward` and `_backward`) instead."""
 
     @staticmethod
     def forward(ctx, window, weight, padding: int, kernels: ModuleType | None):
@@ -652,8 +653,8 @@ def fused_token_mix(
     states: torch.Tensor, conv_weight: torch.Tensor, read: torch.Tensor, history: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`token_mix` as one depthwise convolution with the read folded into its `K x d_v` kernel per feature (see
-    `_token_conv`); causal zero padding is the convolution's own. On the CPU, training takes `_FusedTokenConv`'s
-    backward; with the Triton implementation, the convolution and its backward are Triton kernels. One decoded token
+    `_token_conv`); causal zero padding is the convolution's own. On the CPU, training takes `_FusedTokenConv` (C
+    calls with the native implementation); with the Triton implementation, the convolution and its backward are Triton kernels. One decoded token
     is a single multiply-and-sum over its window instead."""
     if history is not None and states.shape[1] == 1 and not _needs_grad(states, conv_weight, read, history):
         mixed = _native("token_mix_step", states, states, conv_weight, read, history)  # decoding: one call
@@ -702,7 +703,8 @@ def _expand(window: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
 
 
 class _FusedExpansion(torch.autograd.Function):
-    """EC as `K` multiply-adds into a channel-major state (one per tap), with a matching backward."""
+    """EC as `K` multiply-adds into a channel-major state (one per tap), with a matching backward; with the native
+    implementation, float32 CPU tensors take one C call each way (`cpu_kernels.expansion_forward` and `_backward`)."""
 
     @staticmethod
     def forward(ctx, window, conv_weight):

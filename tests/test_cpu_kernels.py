@@ -6,7 +6,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -165,6 +165,20 @@ def test_the_c_backward_skips_a_state_gradient_nobody_needs(channels, kernel_cal
         torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-5)
 
 
+def c_backward_setting(setting: str) -> tuple[AbstractContextManager, AbstractContextManager]:
+    """The contexts for a forward and its backward under which a C backward must step aside: a saved-tensor hook that
+    gives back the same values with other strides, or compiled autograd (Dynamo traces the backward: no C call can be
+    in it)."""
+    if setting == "saved-tensor hook":
+
+        def other_layout(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if tensor.dim() < 2 else tensor.mT.contiguous().mT
+
+        return torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, other_layout), nullcontext()
+    torch._dynamo.reset()
+    return nullcontext(), torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager"))
+
+
 @pytest.mark.parametrize("setting", ["saved-tensor hook", "compiled autograd"])
 def test_the_c_backward_steps_aside_where_it_cannot_run(setting, kernel_calls):
     torch.manual_seed(0)
@@ -172,16 +186,7 @@ def test_the_c_backward_steps_aside_where_it_cannot_run(setting, kernel_calls):
     grad_out = torch.randn(inputs[0].shape)
     expected = torch.autograd.grad(delta_ops.fused_delta_update(*inputs), inputs, grad_out)
     kernel_calls["rewrite_backward"] = 0
-    forward_context, backward_context = nullcontext(), nullcontext()
-    if setting == "saved-tensor hook":  # gives back the same values with other strides
-
-        def other_layout(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor if tensor.dim() < 2 else tensor.mT.contiguous().mT
-
-        forward_context = torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, other_layout)
-    else:  # Dynamo traces the backward: no C call can be in it
-        torch._dynamo.reset()
-        backward_context = torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager"))
+    forward_context, backward_context = c_backward_setting(setting)
     with forward_context:
         out = delta_ops.fused_delta_update(*inputs)
     with backward_context:
@@ -294,15 +299,8 @@ def test_the_projected_backward_without_c_matches(setting, channels, kernel_call
     forward_context, backward_context = nullcontext(), nullcontext()
     if setting == "no C backward":
         monkeypatch.setattr(cpu_kernels, "projected_rewrite_backward", lambda *args: None)
-    elif setting == "saved-tensor hook":  # gives back the same values with other strides
-
-        def other_layout(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor if tensor.dim() < 2 else tensor.mT.contiguous().mT
-
-        forward_context = torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, other_layout)
-    else:  # Dynamo traces the backward: no C call can be in it
-        torch._dynamo.reset()
-        backward_context = torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager"))
+    else:
+        forward_context, backward_context = c_backward_setting(setting)
     with forward_context:
         out = projected_native(inputs, True, 4.0)
     with backward_context:
