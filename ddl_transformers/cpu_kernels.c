@@ -210,41 +210,43 @@ void ddl_projected_rewrite(const float *state, const float *direction, const flo
 #pragma omp parallel for num_threads(threads) if (threads > 1 && tokens >= 32) schedule(static)
     for (int64_t t = 0; t < tokens; ++t) {
         float target[64];
-        const float beta = project_token(context + t * hidden, value_weight, value_bias, gate_weight, gate_bias, target,
-                                         hidden, channels, value_sigmoid, value_scale);
+        const float beta = project_token(context + t * hidden, value_weight, value_bias, gate_weight, gate_bias,
+                                         target, hidden, channels, value_sigmoid, value_scale);
         rewrite_token(state + t * channels * hidden, direction + t * hidden, target, beta, out + t * channels * hidden,
                       hidden, channels, eps, erase);
     }
 }
 
 /* The projected rewrite for training: the target and gate from the context as in ddl_projected_rewrite, then the
- * rewrite as in ddl_rewrite_forward; also writes each token's gate `beta_out` (tokens,). */
+ * rewrite as in ddl_rewrite_forward; writes each token's gate `beta_out` (tokens,) and, where ddl_rewrite_forward
+ * writes the error, the target itself (`target_out`: backward needs both, and the error v - read is recomputed
+ * exactly from them, where v rebuilt as error + read would lose v's low digits against a large reading). */
 void ddl_projected_rewrite_forward(const float *state, const float *direction, const float *context,
                                    const float *value_weight, const float *value_bias, const float *gate_weight,
                                    const float *gate_bias, float *out, float *beta_out, float *scale_out,
-                                   float *read_out, float *error_out, float *coef_out, int64_t tokens, int64_t hidden,
+                                   float *read_out, float *target_out, float *coef_out, int64_t tokens, int64_t hidden,
                                    int64_t channels, float eps, int erase, int value_sigmoid, float value_scale,
                                    int threads)
 {
 #pragma omp parallel for num_threads(threads) if (threads > 1 && tokens >= 32) schedule(static)
     for (int64_t t = 0; t < tokens; ++t) {
         const int64_t row = t * channels;
-        float target[64];
-        beta_out[t] = project_token(context + t * hidden, value_weight, value_bias, gate_weight, gate_bias, target,
-                                    hidden, channels, value_sigmoid, value_scale);
-        rewrite_token_forward(state + row * hidden, direction + t * hidden, target, beta_out[t], out + row * hidden,
-                              scale_out + t, erase ? read_out + row : NULL, error_out + row, coef_out + row, hidden,
-                              channels, eps, erase);
+        float error[64];
+        beta_out[t] = project_token(context + t * hidden, value_weight, value_bias, gate_weight, gate_bias,
+                                    target_out + row, hidden, channels, value_sigmoid, value_scale);
+        rewrite_token_forward(state + row * hidden, direction + t * hidden, target_out + row, beta_out[t],
+                              out + row * hidden, scale_out + t, erase ? read_out + row : NULL, error, coef_out + row,
+                              hidden, channels, eps, erase);
     }
 }
 
-/* The projected rewrite's backward: the rewrite's (rewrite_token_backward), then through the activations, to the
- * gradients of the projections' outputs (tokens, channels + 1): with z_j the value projection's output
- * (v_j = value_scale * sigmoid(z_j), or z_j) and z_g the gate's,
+/* The projected rewrite's backward: the rewrite's (rewrite_token_backward, with the error v - read recomputed as the
+ * forward computed it), then through the activations, to the gradients of the projections' outputs (tokens,
+ * channels + 1): with z_j the value projection's output (v_j = value_scale * sigmoid(z_j), or z_j) and z_g the gate's,
  *   dz_j = dv_j * v_j * (1 - v_j / value_scale)  (dv_j if linear),  dz_g = dbeta * beta * (1 - beta / 2).
- * The target is read back as error + read (error without the erase term). At most 64 channels. */
+ * At most 64 channels. */
 void ddl_projected_rewrite_backward(const float *grad, const float *state, const float *direction,
-                                    const float *scale_in, const float *beta, const float *read, const float *error,
+                                    const float *scale_in, const float *beta, const float *read, const float *target,
                                     float *grad_state, float *grad_h, float *grad_logits, int64_t tokens,
                                     int64_t hidden, int64_t channels, int erase, int value_sigmoid, float value_scale,
                                     int threads)
@@ -252,15 +254,16 @@ void ddl_projected_rewrite_backward(const float *grad, const float *state, const
 #pragma omp parallel for num_threads(threads) if (threads > 1 && tokens >= 32) schedule(static)
     for (int64_t t = 0; t < tokens; ++t) {
         const int64_t row = t * channels;
-        float *dz = grad_logits + t * (channels + 1);
+        const float *v = target + row;
+        float *dz = grad_logits + t * (channels + 1), error[64];
+        for (int64_t j = 0; j < channels; ++j)
+            error[j] = erase ? v[j] - read[row + j] : v[j];
         const float d_beta = rewrite_token_backward(
             grad + row * hidden, erase ? state + row * hidden : NULL, direction + t * hidden, scale_in[t], beta[t],
-            erase ? read + row : NULL, error + row, grad_state ? grad_state + row * hidden : NULL, grad_h + t * hidden,
-            dz, hidden, channels, erase);
-        for (int64_t j = 0; value_sigmoid && j < channels; ++j) {
-            const float target = erase ? error[row + j] + read[row + j] : error[row + j];
-            dz[j] *= target * (1.0f - target / value_scale);
-        }
+            erase ? read + row : NULL, error, grad_state ? grad_state + row * hidden : NULL, grad_h + t * hidden, dz,
+            hidden, channels, erase);
+        for (int64_t j = 0; value_sigmoid && j < channels; ++j)
+            dz[j] *= v[j] * (1.0f - v[j] / value_scale);
         dz[channels] = d_beta * beta[t] * (1.0f - 0.5f * beta[t]);
     }
 }

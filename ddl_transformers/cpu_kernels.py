@@ -442,18 +442,18 @@ def projected_rewrite_forward(
     value_scale: float | None,
 ) -> tuple[torch.Tensor | None, ...]:
     """The projected rewrite for training (inputs that `takes_projected_rewrite`) in one pass: the target and gate
-    from the context as in `projected_rewrite`, then the rewrite as in `rewrite_forward`, with the same outputs (the
-    gate as computed)."""
+    from the context as in `projected_rewrite`, then the rewrite as in `rewrite_forward`, with the same outputs except
+    that the gate is the one computed and the target takes the error's place (see `ddl_projected_rewrite_forward`)."""
     tokens, hidden, channels = _sizes(state, direction)
-    new_state, state, direction, scale, read, error, coef = _training_outputs(state, direction, erase)
+    new_state, state, direction, scale, read, target, coef = _training_outputs(state, direction, erase)
     beta = _empty_float32(*scale.shape)
     pointers = (*_pointers(state, direction, context, value_weight), _pointer(value_bias))
-    pointers += (*_pointers(gate_weight, gate_bias, new_state, beta, scale), _pointer(read), *_pointers(error, coef))
+    pointers += (*_pointers(gate_weight, gate_bias, new_state, beta, scale), _pointer(read), *_pointers(target, coef))
     value_sigmoid, value_scale = int(value_scale is not None), 1.0 if value_scale is None else value_scale
     load().ddl_projected_rewrite_forward(
         *pointers, tokens, hidden, channels, eps, int(erase), value_sigmoid, value_scale, torch.get_num_threads()
     )
-    return new_state, state, direction, beta, scale, read, error, coef
+    return new_state, state, direction, beta, scale, read, target, coef
 
 
 def projected_rewrite_backward(
@@ -464,11 +464,11 @@ def projected_rewrite_backward(
     state_grad: bool,
 ) -> tuple[torch.Tensor | None, ...] | None:
     """The projected rewrite's backward up to its projections' outputs in one pass, from what
-    `projected_rewrite_forward` saved (`saved`: the channels, `h`, `scale`, `beta`, `read` and `error`): the
+    `projected_rewrite_forward` saved (`saved`: the channels, `h`, `scale`, `beta`, `read` and the target): the
     gradients of the state (as `rewrite_backward` gives it), of `h` (as saved) and of the value and gate logits, as
     rows `(N, d_v + 1)` (the gate's last). None where `rewrite_backward` would give None."""
-    channels, h, scale, beta, read, error = saved
-    rows = _backward_rows(grad_out, scalar, channels, h, beta, scale, read, error)
+    channels, h, scale, beta, read, target = saved
+    rows = _backward_rows(grad_out, scalar, channels, h, beta, scale, read, target)
     if rows is None:
         return None
     grad, tokens, hidden, value_channels = rows
@@ -478,7 +478,7 @@ def projected_rewrite_backward(
     grad_state = _state_gradient(grad_out, scalar, erase, state_grad)
     grad_h, grad_logits = _empty_float32(*h.shape), _empty_float32(tokens, value_channels + 1)
     state_rows = channels if erase else grad  # not read without the erase term
-    pointers = (*_pointers(grad, state_rows, h, scale, beta), _pointer(read), error.data_ptr())
+    pointers = (*_pointers(grad, state_rows, h, scale, beta), _pointer(read), target.data_ptr())
     pointers += (_pointer(grad_state if erase else None), *_pointers(grad_h, grad_logits))
     value_sigmoid, value_scale = int(value_scale is not None), 1.0 if value_scale is None else value_scale
     load().ddl_projected_rewrite_backward(
@@ -637,6 +637,8 @@ def expansion_backward(
     one call: the window's (None unless `window_grad`) and the taps' (None unless `taps_grad`). None where the kernel
     does not apply."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    if window.dim() != 3 or taps.dim() != 3 or taps.shape[-1] != window.shape[-1]:
         return None
     if not all(_plain_float32_cpu(tensor) and tensor.is_contiguous() for tensor in (window, taps)):
         return None

@@ -177,7 +177,8 @@ def token_mix(
     """TC: a causal depthwise convolution over tokens of every `(feature, channel)` pair, then a read over channels.
 
     `states` `(B, T, d, d_v)`; `conv_weight` `(d * d_v, 1, K)` (channel `i * d_v + j`); `read` `(d_v,)`; `history`
-    `(B, K - 1, d, d_v)`: the states before the first one (None: zeros, the start of the sequence). Returns `(B, T, d)`.
+    `(B, K - 1, d, d_v)`: the states before the first one (None: zeros, the start of the sequence). Returns
+    `(B, T, d)`.
     """
     batch, seq_len, hidden, value_channels = states.shape
     kernel_size = conv_weight.shape[-1]
@@ -363,29 +364,29 @@ def _rewrite_backward(grad_out, scalar, erase, state_grad, channels, h, scale, b
 
 class _FusedProjectedRewrite(torch.autograd.Function):
     """The rewrite with its target `value_scale * sigmoid(W_v c + b_v)` (or `W_v c + b_v`) and gate
-    `2 sigmoid(w_g c + b_g)` projected from the context `c`, as one node on the CPU: its forward and its backward (the
-    gradients of the context and of the projections' weights included) are one C call each (`cpu_kernels`), in place
-    of the projections' matrix products, activations and their backwards. Saves what `_FusedRewrite` saves, the
-    context and the weights (no copies)."""
+    `2 sigmoid(w_g c + b_g)` projected from the context `c`, as one node on the CPU. Forward is one C call (the
+    projections, their activations and the rewrite); backward one C call down to the gradients of the projections'
+    outputs, then two matrix products give the context's and the weights' gradients. Saves what `_FusedRewrite`
+    saves, with the target in place of the error, and the context and the weights (no copies)."""
 
     @staticmethod
     def forward(ctx, state, direction, context, value_weight, value_bias, gate_weight, gate_bias, eps, erase, scale):
         kernels = _native_module()
         weights = (value_weight, value_bias, gate_weight, gate_bias)
-        new_state, channels, h, beta, h_scale, read, error, coef = kernels.projected_rewrite_forward(
+        new_state, channels, h, beta, h_scale, read, target, coef = kernels.projected_rewrite_forward(
             state, direction, context, *weights, eps, erase, scale
         )
         ctx.erase, ctx.scalar, ctx.value_scale = erase, state.dim() == direction.dim(), scale
         ctx.shapes = [None if t is None else (t.shape, t.dtype) for t in (direction, context, *weights)]
-        ctx.save_for_backward(channels if erase else None, h, h_scale, beta, read, error, context, *weights)
+        ctx.save_for_backward(channels if erase else None, h, h_scale, beta, read, target, context, *weights)
         ctx.mark_non_differentiable(coef)
         return new_state, coef
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_coef):
-        channels, h, h_scale, beta, read, error, context, value_weight, _, gate_weight, _ = ctx.saved_tensors
-        needs, saved = ctx.needs_input_grad, (channels, h, h_scale, beta, read, error)
+        channels, h, h_scale, beta, read, target, context, value_weight, _, gate_weight, _ = ctx.saved_tensors
+        needs, saved = ctx.needs_input_grad, (channels, h, h_scale, beta, read, target)
         grads = _native_module().projected_rewrite_backward(grad_out, ctx.scalar, saved, ctx.value_scale, needs[0])
         if grads is None:  # the C backward does not take these tensors (see its docstring)
             grads = _projected_rewrite_backward(grad_out, ctx.scalar, ctx.erase, needs[0], saved, ctx.value_scale)
@@ -403,14 +404,17 @@ class _FusedProjectedRewrite(torch.autograd.Function):
 
 
 def _projected_rewrite_backward(grad_out, scalar, erase, state_grad, saved, value_scale):
-    """`cpu_kernels.projected_rewrite_backward` with PyTorch operators: the rewrite's backward (`_rewrite_backward`),
-    then through the activations to the projections' outputs."""
-    grad_state, grad_h, grad_target, grad_beta = _rewrite_backward(grad_out, scalar, erase, state_grad, *saved)
-    _, _, _, beta, read, error = saved
-    value_channels = error.shape[-1]
-    grad_value = grad_target.reshape(-1, value_channels)
+    """`cpu_kernels.projected_rewrite_backward` with PyTorch operators, from the saved tensors with the target in the
+    error's place: the rewrite's backward (`_rewrite_backward`), then through the activations to the projections'
+    outputs."""
+    channels, h, scale, beta, read, target = saved
+    error = target - read if erase else target  # as the forward computed it
+    grad_state, grad_h, grad_target, grad_beta = _rewrite_backward(
+        grad_out, scalar, erase, state_grad, channels, h, scale, beta, read, error
+    )
+    target = target.reshape(-1, target.shape[-1])
+    grad_value = grad_target.reshape(target.shape)
     if value_scale is not None:  # d(s sigmoid(z))/dz = v (1 - v / s)
-        target = (error + read if erase else error).reshape(grad_value.shape)
         grad_value = grad_value * target * (1 - target / value_scale)
     beta = beta.reshape(-1, 1)
     grad_gate = grad_beta.reshape(-1, 1) * beta * (1 - beta / 2)  # d(2 sigmoid(z))/dz = beta (1 - beta / 2)
@@ -435,7 +439,7 @@ def projected_rewrite(
     if torch.is_autocast_enabled("cpu"):  # autocast would make the projections bfloat16
         return None
     weights = (*_linear_weights(value_proj), *_linear_weights(gate_proj))
-    if not _needs_grad(state, direction, context, value_proj, gate_proj):
+    if not _needs_grad(state, direction, context, *(weight for weight in weights if weight is not None)):
         return _native("projected_rewrite", state, state, direction, context, *weights, eps, erase, value_scale)
     if not _native("takes_projected_rewrite", state, state, direction, context, *weights):
         return None
@@ -654,8 +658,8 @@ def fused_token_mix(
 ) -> torch.Tensor:
     """`token_mix` as one depthwise convolution with the read folded into its `K x d_v` kernel per feature (see
     `_token_conv`); causal zero padding is the convolution's own. On the CPU, training takes `_FusedTokenConv` (C
-    calls with the native implementation); with the Triton implementation, the convolution and its backward are Triton kernels. One decoded token
-    is a single multiply-and-sum over its window instead."""
+    calls with the native implementation); with the Triton implementation, the convolution and its backward are
+    Triton kernels. One decoded token is a single multiply-and-sum over its window instead."""
     if history is not None and states.shape[1] == 1 and not _needs_grad(states, conv_weight, read, history):
         mixed = _native("token_mix_step", states, states, conv_weight, read, history)  # decoding: one call
         if mixed is not None:

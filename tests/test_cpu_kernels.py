@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ALL_PRESETS, TEST_VOCAB, logits_and_grads, perturbed_model, tiny_config
+from conftest import ALL_PRESETS, TEST_VOCAB, logits_and_grads, perturbed_model, relative_error, tiny_config
 
 from ddl_transformers import cpu_kernels, delta_ops
 from ddl_transformers.delta_ops import channel_mix, delta_update, expand_embeddings, token_mix, write_only_update
@@ -286,6 +286,38 @@ def test_projected_training_matches_the_reference(
         torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("c_backward", [True, False], ids=["C", "eager"])
+def test_projected_gradients_keep_their_precision_with_saturated_targets_and_large_states(c_backward, monkeypatch):
+    # a target near 0 (a saturated sigmoid) read back as error + read, with |read| in the hundreds, would lose most of
+    # v (1 - v / s); the backward keeps the target itself
+    torch.manual_seed(0)
+    tensors = projected_inputs((2, 40), 32, 4, value_bias=True)
+    tensors["state"] = tensors["state"] * 1000
+    tensors["value_bias"] = tensors["value_bias"] - 12
+    if not c_backward:
+        monkeypatch.setattr(cpu_kernels, "projected_rewrite_backward", lambda *args: None)
+    names = ["value_bias", "value_weight"]
+    inputs = as_parameters(tensors, names)
+    grad_out = torch.randn(tensors["state"].shape)
+    grads = torch.autograd.grad(projected_native(inputs, True, 4.0), [inputs[n] for n in names], grad_out)
+    wide = as_parameters({k: v.double() for k, v in tensors.items()}, names)
+    expected = projected_reference(**wide, erase=True, scale=4.0)
+    expected_grads = torch.autograd.grad(expected, [wide[n] for n in names], grad_out.double())
+    for name, grad, expected_grad in zip(names, grads, expected_grads):
+        assert relative_error(grad, expected_grad) < 1e-5, name
+
+
+def test_a_projection_weight_that_needs_a_gradient_keeps_autograd(kernel_calls):
+    # a weight that is a plain tensor (not a parameter) requiring a gradient: the autograd node, not the no-grad call
+    residual = DDLDeltaResidual(tiny_config("ddl-cc")).requires_grad_(False)
+    state, direction = rewrite_inputs((1, 3), residual.value_proj.in_features, 4)[:2]
+    weight = residual.value_proj.weight.detach().clone().requires_grad_()
+    del residual.value_proj.weight
+    residual.value_proj.weight = weight
+    residual(state, direction, direction).sum().backward()
+    assert weight.grad is not None and kernel_calls["projected_rewrite"] == 0
+
+
 @pytest.mark.parametrize("setting", ["no C backward", "saved-tensor hook", "compiled autograd"])
 @pytest.mark.parametrize("channels", [1, 4])
 def test_the_projected_backward_without_c_matches(setting, channels, kernel_calls, monkeypatch):
@@ -479,6 +511,15 @@ def test_functorch_transforms_and_forward_ad_take_the_pytorch_operators(kernel_c
         dual = forward_ad.make_dual(history, torch.ones_like(history))
         tangent = forward_ad.unpack_dual(delta_ops.fused_token_mix(state, conv_weight, read, dual)).tangent
     assert tangent is not None and kernel_calls["token_mix_step"] == 1
+
+
+def test_training_kernels_given_mismatched_shapes_give_none():
+    window, taps = torch.randn(2, 10, 64), torch.randn(3, 2, 16)  # taps of another width
+    assert cpu_kernels.expansion_forward(window, taps) is None
+    assert cpu_kernels.expansion_backward(torch.randn(2, 8, 64, 2), window, taps, True, True) is None
+    states, kernel = torch.randn(2, 10, 3, 16), torch.randn(4, 2, 16)  # kernel of other channels
+    assert cpu_kernels.token_conv_forward(states, kernel, 3) is None
+    assert cpu_kernels.token_conv_backward(torch.randn(2, 10, 16), states, kernel, 3, True, True) is None
 
 
 def test_tensors_the_kernels_do_not_take_give_none():
