@@ -722,11 +722,11 @@ class _FusedExpansion(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         window, taps = ctx.saved_tensors
-        kernel_size, value_channels, hidden = taps.shape
         grads = _native("expansion_backward", window, grad_out, window, taps, *ctx.needs_input_grad)
         if grads is not None:
             grad_window, grad_taps = grads
             return grad_window, None if grad_taps is None else _taps_as_weight(grad_taps).to(ctx.weight_dtype)
+        kernel_size, value_channels = taps.shape[:2]
         grad = channel_major(grad_out).to(window.dtype)  # (B, T, d_v, d)
         seq_len = grad.shape[1]
         grad_window = grad_weight = None
