@@ -75,8 +75,25 @@ torch::Tensor channel_mix(const torch::Tensor &state, const torch::Tensor &weigh
     return out;
 }
 
+torch::Tensor expansion_step(const torch::Tensor &window, const torch::Tensor &conv_weight)
+{
+    if (window.dim() != 3 || conv_weight.dim() != 3 || !plain_float32_cpu(window) || !plain_float32_cpu(conv_weight) ||
+        !conv_weight.is_contiguous())
+        return {};
+    const int64_t batch = window.size(0), kernel_size = window.size(1), hidden = window.size(2);
+    if (conv_weight.size(0) % std::max<int64_t>(hidden, 1) || conv_weight.size(1) != 1 ||
+        conv_weight.size(2) != kernel_size)
+        return {};
+    const int64_t channels = hidden ? conv_weight.size(0) / hidden : 0;
+    auto out = torch::empty({batch, 1, channels, hidden}, window.options());
+    ddl_expansion_step(window.data_ptr<float>(), conv_weight.data_ptr<float>(), out.data_ptr<float>(), window.stride(0),
+                       window.stride(1), window.stride(2), batch, hidden, channels, kernel_size);
+    return out.transpose(-1, -2);  // (B, 1, d, d_v), channel-major
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module)
 {
     module.def("projected_rewrite", &projected_rewrite, "cpu_kernels.projected_rewrite as one C++ call");
     module.def("channel_mix", &channel_mix, "cpu_kernels.channel_mix as one C++ call");
+    module.def("expansion_step", &expansion_step, "cpu_kernels.expansion_step as one C++ call");
 }

@@ -377,20 +377,23 @@ void ddl_token_mix_step(const float *state, const float *history, const float *c
         }
 }
 
-/* EC of one new token per sequence: its state (channel-major) from its window of embeddings (batch, kernel_size,
- * hidden), contiguous: X_j[i] = sum_k w[i * channels + j][k] * e_k[i]. */
-void ddl_expansion_step(const float *window, const float *conv_weight, float *out, int64_t batch, int64_t hidden,
-                        int64_t channels, int64_t kernel_size)
+/* EC of one new token per sequence: its state (channel-major) from its window of embeddings, the kernel_size
+ * embeddings up to its own, element (b, k, i) at b * stride_b + k * stride_k + i * stride_i (any layout: the cache keeps
+ * them time last):  X_j[i] = sum_k w[i * channels + j][k] * e_k[i]. */
+void ddl_expansion_step(const float *window, const float *conv_weight, float *out, int64_t stride_b, int64_t stride_k,
+                        int64_t stride_i, int64_t batch, int64_t hidden, int64_t channels, int64_t kernel_size)
 {
     for (int64_t b = 0; b < batch; ++b)
-        for (int64_t j = 0; j < channels; ++j)
-            for (int64_t i = 0; i < hidden; ++i) {
+        for (int64_t i = 0; i < hidden; ++i) {
+            const float *embeddings = window + b * stride_b + i * stride_i;
+            for (int64_t j = 0; j < channels; ++j) {
                 const float *taps = conv_weight + (i * channels + j) * kernel_size;
                 float sum = 0.0f;
                 for (int64_t k = 0; k < kernel_size; ++k)
-                    sum += taps[k] * window[(b * kernel_size + k) * hidden + i];
+                    sum += taps[k] * embeddings[k * stride_k];
                 out[(b * channels + j) * hidden + i] = sum;
             }
+        }
 }
 
 /* EC for training: the states of `seq_len` tokens per sequence (channel-major) from the window of embeddings (batch,

@@ -44,7 +44,7 @@ _SIGNATURES = {  # the C functions' arguments, in order
     "ddl_channel_mix": [_POINTER] * 3 + [_SIZE] * 3 + [_INT],
     "ddl_channel_mix_backward": [_POINTER] * 6 + [_SIZE] * 3 + [_INT],
     "ddl_token_mix_step": [_POINTER] * 5 + [_SIZE] * 8,
-    "ddl_expansion_step": [_POINTER] * 3 + [_SIZE] * 4,
+    "ddl_expansion_step": [_POINTER] * 3 + [_SIZE] * 7,
     "ddl_expansion_forward": [_POINTER] * 3 + [_SIZE] * 5 + [_INT],
     "ddl_expansion_backward": [_POINTER] * 6 + [_SIZE] * 5 + [_INT],
     "ddl_token_conv_forward": [_POINTER] * 3 + [_SIZE] * 6 + [_INT],
@@ -594,21 +594,23 @@ def token_mix_step(
 
 
 def expansion_step(window: torch.Tensor, conv_weight: torch.Tensor) -> torch.Tensor | None:
-    """EC of one new token per sequence without autograd: `window` `(B, K, d)` (the `K - 1` embeddings before it, then
-    its own), `conv_weight` `(d * d_v, 1, K)`. Returns its state `(B, 1, d, d_v)`, channel-major, or None where the
-    kernel does not apply."""
+    """EC of one new token per sequence without autograd: `window` `(B, K, d)` in any layout (the `K - 1` embeddings
+    before it, then its own; the cache keeps them time last), `conv_weight` `(d * d_v, 1, K)`. Returns its state
+    `(B, 1, d, d_v)`, channel-major, or None where the kernel does not apply. The C++ extension where it is built."""
+    cpp = extension()
+    if cpp is not None and type(window) in _PLAIN and type(conv_weight) in _PLAIN:
+        return cpp.expansion_step(window, conv_weight)
     if window.dim() != 3 or conv_weight.dim() != 3:
         return None
     batch, kernel_size, hidden = window.shape
     if conv_weight.shape[0] % max(hidden, 1) or conv_weight.shape[1:] != (1, kernel_size):
         return None
-    if not (_plain_float32_cpu(window) and _plain_float32_cpu(conv_weight)):
-        return None
-    if not (window.is_contiguous() and conv_weight.is_contiguous()):
+    if not (_plain_float32_cpu(window) and _plain_float32_cpu(conv_weight) and conv_weight.is_contiguous()):
         return None
     channels = conv_weight.shape[0] // hidden if hidden else 0
     out = _empty_float32(batch, 1, channels, hidden)
-    load().ddl_expansion_step(*_pointers(window, conv_weight, out), batch, hidden, channels, kernel_size)
+    pointers = _pointers(window, conv_weight, out)
+    load().ddl_expansion_step(*pointers, *window.stride(), batch, hidden, channels, kernel_size)
     return out.transpose(-1, -2)  # (B, 1, d, d_v), channel-major
 
 

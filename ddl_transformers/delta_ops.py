@@ -104,6 +104,25 @@ def _native(kernel: str, tensor: torch.Tensor, *args) -> torch.Tensor | None:
     return None if module is None else getattr(module, kernel)(*args)
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter, type(None))
+
+
+def _decoding_extension(*tensors: torch.Tensor | None) -> ModuleType | None:
+    """The C++ extension (`cpu_kernels.extension()`) for a call without autograd on `tensors` (None allowed), where
+    the native kernels may run now (as `_native` checks; the extension itself declines other devices and dtypes), it
+    is built, and no tensor is a subclass; else None. Decoding calls it for every sublayer and token, so it takes the
+    fewest Python steps: in the model, each Python call between a sublayer and its kernel costs about a microsecond."""
+    if _implementation != "native" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if torch._C._is_tracing() or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+        return None
+    for tensor in tensors:
+        if type(tensor) not in _PLAIN_TYPES:
+            return None
+    module = _native_module()
+    return None if module is None else module.extension()
+
+
 def _triton_kernels(state: torch.Tensor, direction: torch.Tensor) -> ModuleType | None:
     """The Triton rewrite when usable (`_triton_for`) and a token's state is small enough for one program."""
     module = _triton_for(state)
@@ -438,7 +457,12 @@ def projected_rewrite(
     operations; with autograd one node (`_FusedProjectedRewrite`), whose rewrite the state tape records."""
     if torch.is_autocast_enabled("cpu"):  # autocast would make the projections bfloat16
         return None
-    weights = (*_linear_weights(value_proj), *_linear_weights(gate_proj))
+    weights = _projection_weights(value_proj, gate_proj)
+    cpp = _decoding_extension(state, direction, context, *weights)
+    if cpp is not None:  # decoding: straight to the C++ call (None where it declines the inputs)
+        new_state = cpp.projected_rewrite(state, direction, context, *weights, eps, erase, value_scale)
+        if new_state is not None:
+            return new_state
     if not _needs_grad(state, direction, context, *(weight for weight in weights if weight is not None)):
         return _native("projected_rewrite", state, state, direction, context, *weights, eps, erase, value_scale)
     if not _native("takes_projected_rewrite", state, state, direction, context, *weights):
@@ -448,13 +472,14 @@ def projected_rewrite(
     return new_state
 
 
-def _linear_weights(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`linear.weight, linear.bias`, read from its parameters' dictionary where they are there: a module's attribute
-    lookup costs about half a microsecond, and decoding reads these for every token and sublayer."""
-    parameters = linear._parameters
-    if "weight" in parameters and "bias" in parameters:
-        return parameters["weight"], parameters["bias"]
-    return linear.weight, linear.bias
+def _projection_weights(value_proj: torch.nn.Linear, gate_proj: torch.nn.Linear) -> tuple[torch.Tensor | None, ...]:
+    """`value_proj.weight, value_proj.bias, gate_proj.weight, gate_proj.bias`, read from the parameters' dictionaries
+    where they are there: a module's attribute lookup costs about half a microsecond, and decoding reads these for
+    every token and sublayer."""
+    value, gate = value_proj._parameters, gate_proj._parameters
+    if "weight" in value and "bias" in value and "weight" in gate and "bias" in gate:
+        return value["weight"], value["bias"], gate["weight"], gate["bias"]
+    return value_proj.weight, value_proj.bias, gate_proj.weight, gate_proj.bias
 
 
 def _needs_grad(*items: torch.Tensor | torch.nn.Module) -> bool:
@@ -543,6 +568,11 @@ class _FusedChannelMix(torch.autograd.Function):
 def fused_channel_mix(state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`channel_mix` without temporaries, and with a channel-major gradient. A few tokens (decoding) take one `vecdot`
     instead: there, every extra operation costs more than the pass over the state."""
+    cpp = _decoding_extension(state, weight)
+    if cpp is not None:  # decoding: straight to the C++ call (None where it declines the inputs)
+        mixed = cpp.channel_mix(state, weight)
+        if mixed is not None:
+            return mixed
     if torch.is_grad_enabled() and (state.requires_grad or weight.requires_grad):
         return _FusedChannelMix.apply(state, weight)
     mixed = _native("channel_mix", state, state, weight)
@@ -743,7 +773,13 @@ class _FusedExpansion(torch.autograd.Function):
 
 
 def fused_expand_embeddings(window: torch.Tensor, conv_weight: torch.Tensor) -> torch.Tensor:
-    """`expand_embeddings` as one autograd function of `K` multiply-adds; the result is channel-major."""
+    """`expand_embeddings` as one autograd function of `K` multiply-adds; the result is channel-major. One decoded token
+    is a single multiply and sum over its window (which may be a view of the cache's, time last)."""
+    cpp = _decoding_extension(window, conv_weight)
+    if cpp is not None and window.dim() == 3 and window.shape[1] == conv_weight.shape[-1]:  # decoding: one C++ call
+        expanded = cpp.expansion_step(window, conv_weight)
+        if expanded is not None:
+            return expanded
     if torch.is_grad_enabled() and (window.requires_grad or conv_weight.requires_grad):
         return _FusedExpansion.apply(window, conv_weight)
     hidden, kernel_size = window.shape[-1], conv_weight.shape[-1]

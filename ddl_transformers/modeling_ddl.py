@@ -161,15 +161,18 @@ class DDLCausalTokenConv(nn.Module):
         self.layer_idx, self.state_idx = layer_idx, state_idx
         self.weight = nn.Parameter(torch.empty(out_channels, 1, kernel_size))
 
-    def cached_history(self, inputs: torch.Tensor, cache: Cache | None) -> torch.Tensor | None:
-        """Store `inputs` `(B, C, T)` in the cache; return the `kernel_size - 1` inputs before them `(B, C, K - 1)`,
-        or None at the start of a sequence (or without a cache)."""
+    def cached_window(self, inputs: torch.Tensor, cache: Cache | None) -> torch.Tensor | None:
+        """Store `inputs` `(B, C, T)` in the cache; return the `kernel_size - 1` inputs before them followed by `inputs`
+        `(B, C, K - 1 + T)`, or None at the start of a sequence (or without a cache)."""
         history_len = self.kernel_size - 1
         if cache is None or history_len == 0:
             return None
         has_history = cache.get_conv_state(self.layer_idx, self.state_idx) is not None
         window = cache.update_conv_state(inputs, self.layer_idx, self.state_idx, conv_kernel_size=history_len)
-        return window[..., :history_len] if has_history else None
+        if not has_history:
+            return None
+        length = history_len + inputs.shape[-1]
+        return window if window.shape[-1] == length else window[..., -length:]  # a cache recording its past: longer
 
 
 class DDLChannelCompressor(nn.Module):
@@ -200,11 +203,11 @@ class DDLTokenCompressor(nn.Module):
             state = state * token_mask[:, :, None, None].to(state.dtype)
         history = None
         if cache is not None:  # the cache keeps inputs channel-major, time last: (B, d_v * d, K - 1)
-            history = self.token_conv.cached_history(channel_major(state).flatten(2).transpose(1, 2), cache)
-        if history is not None:
-            history = (
-                history.transpose(1, 2).unflatten(-1, (value_channels, hidden)).transpose(-1, -2)
-            )  # (B, K-1, d, d_v)
+            window = self.token_conv.cached_window(channel_major(state).flatten(2).transpose(1, 2), cache)
+            if window is not None:
+                history = window[..., : self.token_conv.kernel_size - 1]  # (B, d_v * d, K - 1)
+                history = history.transpose(1, 2).unflatten(-1, (value_channels, hidden)).transpose(-1, -2)
+                # (B, K - 1, d, d_v)
         return token_mix_function()(state, self.token_conv.weight, self.read, history)  # (B, T, d)
 
 
@@ -223,11 +226,11 @@ class DDLEmbeddingExpansion(nn.Module):
     def forward(self, embeds: torch.Tensor, cache: Cache | None = None, token_mask: torch.Tensor | None = None):
         if token_mask is not None:  # padding reads like the zeros before the first token
             embeds = embeds * token_mask.unsqueeze(-1).to(embeds.dtype)
-        history = self.token_conv.cached_history(embeds.transpose(1, 2), cache)  # (B, d, K - 1)
-        if history is None:
+        window = self.token_conv.cached_window(embeds.transpose(1, 2), cache)  # (B, d, K - 1 + T)
+        if window is None:  # zeros before the first token
             window = F.pad(embeds, (0, 0, self.token_conv.kernel_size - 1, 0))
         else:
-            window = torch.cat([history.transpose(1, 2), embeds], 1)  # (B, K - 1 + T, d)
+            window = window.transpose(1, 2)  # (B, K - 1 + T, d), a view of the cache's
         return expansion_function()(window, self.token_conv.weight)  # (B, T, d, d_v)
 
 
@@ -325,9 +328,11 @@ class DDLDeltaResidual(nn.Module):
         return rewrite_function(self.residual_mode)(state, sublayer_output, target, beta, self.eps)
 
     def _projected_rewrite(self, state, sublayer_output, context) -> torch.Tensor | None:
-        """`delta_ops.projected_rewrite` for plain projections (see `_plain_projections`), else None. Each submodule
-        is looked up once: a module attribute costs about half a microsecond, and this runs for every decoded token."""
-        value_proj, beta_proj = self.value_proj, self.beta_proj
+        """`delta_ops.projected_rewrite` for plain projections (see `_plain_projections`), else None. The submodules
+        are read from `_modules`: a module attribute costs about half a microsecond, and this runs for every sublayer
+        of every decoded token."""
+        modules = self._modules
+        value_proj, beta_proj = modules["value_proj"], modules["beta_proj"]
         if self.beta_hidden is not None or not _are_plain(value_proj, beta_proj):
             return None
         value_scale = self.value_scale if self.value_activation == "sigmoid" else None
@@ -336,8 +341,14 @@ class DDLDeltaResidual(nn.Module):
 
 
 def _are_plain(value_proj: nn.Module, beta_proj: nn.Module) -> bool:
-    """Whether the value projection is a plain `nn.Linear` and the gate's a plain `DDLGateProjection` (`_is_plain`)."""
-    return _is_plain(value_proj, nn.Linear) and _is_plain(beta_proj, DDLGateProjection)
+    """Whether the value projection is a plain `nn.Linear` and the gate's a plain `DDLGateProjection` (`_is_plain`,
+    written out: this runs for every sublayer of every decoded token)."""
+    return (
+        type(value_proj) is nn.Linear
+        and type(beta_proj) is DDLGateProjection
+        and not (value_proj._forward_hooks or value_proj._forward_pre_hooks)
+        and not (beta_proj._forward_hooks or beta_proj._forward_pre_hooks)
+    )
 
 
 def build_state_compressor(config: DDLConfig, layer_idx: int, state_idx: int) -> nn.Module | None:

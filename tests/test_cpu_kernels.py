@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 from conftest import ALL_PRESETS, TEST_VOCAB, logits_and_grads, perturbed_model, relative_error, tiny_config
 
 from ddl_transformers import cpu_kernels, delta_ops
@@ -460,9 +461,14 @@ def test_the_token_convolution_step_matches_the_reference(layout):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_the_expansion_step_matches_the_reference():
+@pytest.mark.parametrize("layout", ["contiguous", "cache", "broadcast"])
+def test_the_expansion_step_matches_the_reference(layout):
     torch.manual_seed(0)
     window, conv_weight = torch.randn(3, 4, 24), torch.randn(24 * 4, 1, 4)
+    if layout == "cache":  # the cache keeps the embeddings time last: (B, d, K) seen as (B, K, d)
+        window = torch.randn(3, 24, 4).transpose(1, 2)
+    elif layout == "broadcast":
+        window = torch.randn(1, 4, 24).expand(3, -1, -1)
     got = cpu_kernels.expansion_step(window, conv_weight)
     assert got.mT.is_contiguous()  # channel-major, as the fused expansion makes it
     expected = expand_embeddings(window.double(), conv_weight.double())
@@ -479,9 +485,10 @@ def test_step_inputs_the_kernels_do_not_take_give_none():
     assert step(state, conv_weight, read, history.double()) is None
     negated = torch.randn(*history.shape, dtype=torch.complex64).conj().imag  # float32, negated lazily
     assert negated.is_neg() and step(state, conv_weight, read, negated) is None
-    window = torch.randn(3, 4, 48)[..., ::2]
-    assert cpu_kernels.expansion_step(window, conv_weight) is None
-    assert cpu_kernels.expansion_step(window.contiguous()[:, 1:], conv_weight) is None  # a window of K - 1
+    window = torch.randn(3, 4, 24)
+    assert cpu_kernels.expansion_step(window, torch.randn(24 * 4, 1, 8)[..., ::2]) is None
+    assert cpu_kernels.expansion_step(window.double(), conv_weight.double()) is None
+    assert cpu_kernels.expansion_step(window[:, 1:], conv_weight) is None  # a window of K - 1
 
 
 @pytest.mark.parametrize("needs_grad", ["states", "conv_weight", "read", "history", "window", "expansion weight"])
@@ -604,16 +611,14 @@ def test_native_decoding_matches_the_reference(name, binding, kernel_calls, requ
     torch.testing.assert_close(outputs["native"].sequences, outputs["reference"].sequences)
     for got, expected in zip(outputs["native"].logits, outputs["reference"].logits):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    delta = model.config.residual_mode != "additive"
-    assert (kernel_calls["projected_rewrite"] > 0) == delta
-    assert (kernel_calls["channel_mix"] > 0) == model.config.expanded_state
-    assert (kernel_calls["token_mix_step"] > 0) == model.config.uses_token_compressor
-    assert (kernel_calls["expansion_step"] > 0) == model.config.uses_embedding_expansion
-    if extension_calls is not None:  # the projected rewrite and CC's read went through the C++ extension
-        assert extension_calls == {
-            "projected_rewrite": kernel_calls["projected_rewrite"],
-            "channel_mix": kernel_calls["channel_mix"],
-        }
+    ran = dict(kernel_calls)
+    if extension_calls is not None:  # decoding calls the extension's kernels straight, not through cpu_kernels
+        assert all(kernel_calls[name] == 0 for name in extension_calls)
+        ran |= extension_calls
+    assert (ran["projected_rewrite"] > 0) == (model.config.residual_mode != "additive")
+    assert (ran["channel_mix"] > 0) == model.config.expanded_state
+    assert (ran["token_mix_step"] > 0) == model.config.uses_token_compressor
+    assert (ran["expansion_step"] > 0) == model.config.uses_embedding_expansion
 
 
 def test_the_library_is_built_once_into_the_cache(fresh_build):
@@ -773,7 +778,7 @@ def built_extension():
 def cpp_extension(built_extension, monkeypatch) -> dict[str, int]:
     """The model's decoding kernels run through the extension while the test runs; counts its calls that returned a
     result."""
-    calls = {"projected_rewrite": 0, "channel_mix": 0}
+    calls = {"projected_rewrite": 0, "channel_mix": 0, "expansion_step": 0}
 
     def counting(name: str):
         def counted(*args):
@@ -853,6 +858,62 @@ def test_the_extension_steps_aside_where_the_ctypes_kernels_do(built_extension):
         assert built_extension.projected_rewrite(fake, direction, context, *weights, 1e-5, True, None) is None
 
 
+DECODING_CHANGES = ["none", "fused implementation", "vmap", "forward AD", "autocast", "subclass", "autograd"]
+
+
+def _decoding_operators(change: str):
+    """The three decoding operators the model calls straight into the extension, on one token's inputs, run under
+    `change` (a setting in which none of them may call a kernel)."""
+    torch.manual_seed(0)
+    residual = DDLDeltaResidual(tiny_config("ddl-cc"))
+    hidden = residual.value_proj.in_features
+    state, direction = rewrite_inputs((1, 1), hidden, 4)[:2]
+    context, mix_weight = torch.randn_like(direction), torch.randn(hidden, 4)
+    window, conv_weight = torch.randn(1, hidden, 3).transpose(1, 2), torch.randn(hidden * 4, 1, 3)
+
+    def run(state, direction, window):
+        return (
+            residual(state, direction, context),
+            delta_ops.fused_channel_mix(state, mix_weight),
+            delta_ops.fused_expand_embeddings(window, conv_weight),
+        )
+
+    if change == "subclass":
+        state, direction, window = (t.as_subclass(SubclassedTensor) for t in (state, direction, window))
+    if change == "vmap":
+        with torch.no_grad():
+            return [out[0] for out in torch.func.vmap(run)(state[None], direction[None], window[None])]
+    if change == "forward AD":
+        with forward_ad.dual_level(), torch.no_grad():
+            dual = forward_ad.make_dual(state, torch.ones_like(state))
+            return [forward_ad.unpack_dual(out).primal for out in run(dual, direction, window)]
+    if change == "autograd":
+        return [out.detach() for out in run(state.requires_grad_(), direction, window.requires_grad_())]
+    if change == "fused implementation":
+        delta_ops.set_implementation("fused")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=change == "autocast"):
+        return [out.float() for out in run(state, direction, window)]
+
+
+class SubclassedTensor(torch.Tensor):
+    """A tensor subclass: its `__torch_function__` must not be bypassed by a kernel."""
+
+
+@pytest.mark.parametrize("change", DECODING_CHANGES)
+def test_decoding_calls_the_extension_only_where_it_may(change, cpp_extension, kernel_calls):
+    got = _decoding_operators(change)
+    if change in ("none", "autocast"):  # the read and the expansion keep the state's dtype under autocast
+        assert cpp_extension == {"projected_rewrite": int(change == "none"), "channel_mix": 1, "expansion_step": 1}
+    elif change == "autograd":  # the read's forward, inside its autograd node
+        assert cpp_extension == {"projected_rewrite": 0, "channel_mix": 1, "expansion_step": 0}
+    else:
+        assert cpp_extension == dict.fromkeys(cpp_extension, 0)
+    delta_ops.set_implementation("fused")  # the same, in PyTorch operators only
+    expected = _decoding_operators(change)
+    for got_tensor, expected_tensor in zip(got, expected):
+        torch.testing.assert_close(got_tensor, expected_tensor, rtol=1e-5, atol=1e-5)
+
+
 def test_a_built_extension_is_found_and_can_be_turned_off(built_extension, monkeypatch):
     monkeypatch.delenv(cpu_kernels.EXTENSION_VARIABLE)  # as for a user: neither asked for nor refused
     cpu_kernels.extension.cache_clear()
@@ -895,7 +956,8 @@ def test_the_extension_build_finds_the_virtual_environments_ninja(monkeypatch, t
 
 
 def _layout_cases() -> dict[str, tuple]:
-    """Inputs of every kind the two bindings must treat alike: `("projected_rewrite" | "channel_mix", args)`."""
+    """Inputs of every kind the two bindings must treat alike: `(kernel, args)` for the projected rewrite, the channel
+    mix and the expansion step."""
     torch.manual_seed(0)
     hidden, channels = 8, 3
     state, direction, context, value_weight, value_bias, gate_weight, gate_bias = projection_inputs((2, 3), 8, 3)
@@ -944,6 +1006,21 @@ def _layout_cases() -> dict[str, tuple]:
         "float64 weight": (state, weight.double()),
     }
     cases |= {f"channel mix, {name}": ("channel_mix", args) for name, args in mixes.items()}
+    window, conv_weight = torch.randn(2, 3, hidden), torch.randn(hidden * channels, 1, 3)
+    steps = {
+        "as built": (window, conv_weight),
+        "the cache's layout": (torch.randn(2, hidden, 3).transpose(1, 2), conv_weight),
+        "window at an offset": (torch.randn(3, 3, hidden)[1:], conv_weight),
+        "broadcast window": (torch.randn(1, 3, hidden).expand(2, -1, -1), conv_weight),
+        "window of K - 1": (window[:, 1:], conv_weight),
+        "weight of another width": (window, torch.randn(hidden * channels + 1, 1, 3)),
+        "strided weight": (window, torch.randn(hidden * channels, 1, 6)[..., ::2]),
+        "no features": (torch.randn(2, 3, 0), torch.randn(0, 1, 3)),
+        "lazily negated window": (torch._neg_view(window), conv_weight),
+        "float64 window": (window.double(), conv_weight),
+        "2-d window": (window[0], conv_weight),
+    }
+    cases |= {f"expansion step, {name}": ("expansion_step", args) for name, args in steps.items()}
     return cases
 
 

@@ -69,6 +69,25 @@ def test_cached_logits_equal_full_forward(preset_name):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["ddl-tc", "ddl-cc", "ddl-tc-noec"])
+def test_a_cache_recording_its_past_gives_the_same_logits(name):
+    # assisted generation makes the cache keep every convolution input until it crops back: the convolutions must read
+    # the last inputs of the longer conv states, not the first
+    model = perturbed_model(name)
+    tokens = random_tokens(2, 9)
+    full = model(tokens).logits
+    cache = DynamicCache(config=model.config)
+    pieces = [model(tokens[:, :4], cache=cache, use_cache=True).logits]
+    cache.activate_past_recording()
+    for start, end in [(4, 5), (5, 6), (6, 8), (8, 9)]:
+        pieces.append(model(tokens[:, start:end], cache=cache, use_cache=True).logits)
+    conv_lengths = {
+        state.shape[-1] for layer in cache.layers for state in layer.conv_states.values() if state is not None
+    }
+    assert max(conv_lengths) > model.config.state_conv_kernel_size  # the cache did grow
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
 def test_generate_with_cache_equals_without(preset_name):
     model = perturbed_model(preset_name)
     prompt = random_tokens(2, 6)
