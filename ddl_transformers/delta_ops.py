@@ -92,13 +92,23 @@ def _native_module() -> ModuleType | None:
     return module
 
 
+def _c_calls_escape() -> bool:
+    """Whether a C call would escape what runs the code, none of which can see into one: `torch.compile` (Dynamo),
+    TorchScript tracing, a dispatch mode (fake tensors; `make_fx`, AOTAutograd and export tracing), functorch
+    transforms (`vmap`, `grad`, `jvp`) or forward-mode AD."""
+    return (
+        torch.compiler.is_dynamo_compiling()
+        or torch._C._is_tracing()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._are_functorch_transforms_active()
+        or forward_ad._current_level >= 0
+    )
+
+
 def _native(kernel: str, tensor: torch.Tensor, *args) -> torch.Tensor | None:
-    """`cpu_kernels.<kernel>(*args)` when the C kernels are chosen and usable for `tensor`: a CPU tensor outside
-    `torch.compile` and TorchScript tracing, functorch transforms (`vmap`, `grad`, `jvp`) and forward-mode AD (none of
-    them can see into a C call); else None, as where the kernel does not take these inputs."""
-    if _implementation != "native" or not tensor.is_cpu or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return None
-    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+    """`cpu_kernels.<kernel>(*args)` when the C kernels are chosen and usable for `tensor`: a CPU tensor where C
+    calls do not escape (`_c_calls_escape`); else None, as where the kernel does not take these inputs."""
+    if _implementation != "native" or not tensor.is_cpu or torch.compiler.is_compiling() or _c_calls_escape():
         return None
     module = _native_module()
     return None if module is None else getattr(module, kernel)(*args)
@@ -112,9 +122,11 @@ def _decoding_extension(*tensors: torch.Tensor | None) -> ModuleType | None:
     the native kernels may run now (as `_native` checks; the extension itself declines other devices and dtypes), it
     is built, and no tensor is a subclass; else None. Decoding calls it for every sublayer and token, so it takes the
     fewest Python steps: in the model, each Python call between a sublayer and its kernel costs about a microsecond."""
-    if _implementation != "native" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if _implementation != "native" or torch.is_grad_enabled() or torch.compiler.is_dynamo_compiling():
         return None
-    if torch._C._is_tracing() or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+    if torch._C._is_tracing() or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return None  # `_c_calls_escape` written out: one Python call fewer
+    if forward_ad._current_level >= 0:
         return None
     for tensor in tensors:
         if type(tensor) not in _PLAIN_TYPES:
@@ -444,20 +456,23 @@ def projected_rewrite(
     state: torch.Tensor,
     direction: torch.Tensor,
     context: torch.Tensor,
-    value_proj: torch.nn.Linear,
-    gate_proj: torch.nn.Linear,
+    value_weight: torch.Tensor,
+    value_bias: torch.Tensor | None,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor,
     eps: float,
     erase: bool,
     value_scale: float | None,
 ) -> torch.Tensor | None:
-    """The rewrite with its target `value_proj(c)` (then `value_scale * sigmoid`, unless None) and gate
-    `2 sigmoid(gate_proj(c))` computed in the same C call, or None where that does not apply: another
-    implementation than native, `torch.compile` tracing, autocast, other dtypes or devices. Without autograd one call
-    (`cpu_kernels.projected_rewrite`): decoding a token costs one call per sublayer instead of about fifteen PyTorch
+    """The rewrite with its target `W_v c + b_v` (then `value_scale * sigmoid`, unless None) and gate
+    `2 sigmoid(w_g c + b_g)` computed from the context `c` in the same C call (weights as `nn.Linear(d, d_v)` and
+    `nn.Linear(d, 1)` hold them), or None where that does not apply: another implementation than native,
+    `torch.compile` tracing, autocast, other dtypes or devices. Without autograd one call (the C++ extension's, else
+    `cpu_kernels.projected_rewrite`): decoding a token costs one call per sublayer instead of about fifteen PyTorch
     operations; with autograd one node (`_FusedProjectedRewrite`), whose rewrite the state tape records."""
     if torch.is_autocast_enabled("cpu"):  # autocast would make the projections bfloat16
         return None
-    weights = _projection_weights(value_proj, gate_proj)
+    weights = (value_weight, value_bias, gate_weight, gate_bias)
     cpp = _decoding_extension(state, direction, context, *weights)
     if cpp is not None:  # decoding: straight to the C++ call (None where it declines the inputs)
         new_state = cpp.projected_rewrite(state, direction, context, *weights, eps, erase, value_scale)
@@ -470,16 +485,6 @@ def projected_rewrite(
     new_state, coef = _FusedProjectedRewrite.apply(state, direction, context, *weights, eps, erase, value_scale)
     record_rewrite(new_state, state, direction, coef.view(*direction.shape[:-1], coef.shape[-1]))
     return new_state
-
-
-def _projection_weights(value_proj: torch.nn.Linear, gate_proj: torch.nn.Linear) -> tuple[torch.Tensor | None, ...]:
-    """`value_proj.weight, value_proj.bias, gate_proj.weight, gate_proj.bias`, read from the parameters' dictionaries
-    where they are there: a module's attribute lookup costs about half a microsecond, and decoding reads these for
-    every token and sublayer."""
-    value, gate = value_proj._parameters, gate_proj._parameters
-    if "weight" in value and "bias" in value and "weight" in gate and "bias" in gate:
-        return value["weight"], value["bias"], gate["weight"], gate["bias"]
-    return value_proj.weight, value_proj.bias, gate_proj.weight, gate_proj.bias
 
 
 def _needs_grad(*items: torch.Tensor | torch.nn.Module) -> bool:

@@ -299,7 +299,28 @@ class DDLDeltaResidual(nn.Module):
     def _plain_projections(self) -> bool:
         """Whether the value and gate projections are plain `nn.Linear`s (no adapter, no hooks) and there is no gate
         hidden layer: then their weights can be used directly."""
-        return self.beta_hidden is None and _are_plain(self.value_proj, self.beta_proj)
+        return self._plain_projection_weights() is not None
+
+    def _plain_projection_weights(self) -> tuple[torch.Tensor | None, ...] | None:
+        """The weight and bias of the value projection, then of the gate's, where `_plain_projections`; else None.
+        One step that reads `_modules` and `_parameters`: a module attribute costs about half a microsecond, and this
+        runs for every sublayer of every decoded token."""
+        modules = self._modules
+        value_proj, beta_proj = modules["value_proj"], modules["beta_proj"]
+        if (
+            self.beta_hidden is not None
+            or type(value_proj) is not nn.Linear
+            or type(beta_proj) is not DDLGateProjection
+        ):
+            return None
+        if value_proj._forward_hooks or value_proj._forward_pre_hooks:
+            return None
+        if beta_proj._forward_hooks or beta_proj._forward_pre_hooks:
+            return None
+        value, gate = value_proj._parameters, beta_proj._parameters
+        if "weight" in value and "bias" in value and "weight" in gate and "bias" in gate:
+            return value["weight"], value["bias"], gate["weight"], gate["bias"]
+        return value_proj.weight, value_proj.bias, beta_proj.weight, beta_proj.bias  # e.g. a plain tensor as weight
 
     def _activate(self, value: torch.Tensor) -> torch.Tensor:
         """The value projection's output as the target: `value_scale * sigmoid(.)` or as it is, at least float32."""
@@ -321,34 +342,15 @@ class DDLDeltaResidual(nn.Module):
     def forward(self, state: torch.Tensor, sublayer_output: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.residual_mode == "additive":
             return state + (sublayer_output if state.dim() == sublayer_output.dim() else sublayer_output.unsqueeze(-1))
-        new_state = self._projected_rewrite(state, sublayer_output, context)
-        if new_state is not None:  # on the CPU: projections and rewrite in one C call (one autograd node in training)
-            return new_state
+        weights = self._plain_projection_weights()
+        if weights is not None:  # on the CPU: projections and rewrite in one C call (one autograd node in training)
+            value_scale = self.value_scale if self.value_activation == "sigmoid" else None
+            erase = self.residual_mode == "delta"
+            new_state = projected_rewrite(state, sublayer_output, context, *weights, self.eps, erase, value_scale)
+            if new_state is not None:
+                return new_state
         target, beta = self.target_and_gate(context)
         return rewrite_function(self.residual_mode)(state, sublayer_output, target, beta, self.eps)
-
-    def _projected_rewrite(self, state, sublayer_output, context) -> torch.Tensor | None:
-        """`delta_ops.projected_rewrite` for plain projections (see `_plain_projections`), else None. The submodules
-        are read from `_modules`: a module attribute costs about half a microsecond, and this runs for every sublayer
-        of every decoded token."""
-        modules = self._modules
-        value_proj, beta_proj = modules["value_proj"], modules["beta_proj"]
-        if self.beta_hidden is not None or not _are_plain(value_proj, beta_proj):
-            return None
-        value_scale = self.value_scale if self.value_activation == "sigmoid" else None
-        erase = self.residual_mode == "delta"
-        return projected_rewrite(state, sublayer_output, context, value_proj, beta_proj, self.eps, erase, value_scale)
-
-
-def _are_plain(value_proj: nn.Module, beta_proj: nn.Module) -> bool:
-    """Whether the value projection is a plain `nn.Linear` and the gate's a plain `DDLGateProjection` (`_is_plain`,
-    written out: this runs for every sublayer of every decoded token)."""
-    return (
-        type(value_proj) is nn.Linear
-        and type(beta_proj) is DDLGateProjection
-        and not (value_proj._forward_hooks or value_proj._forward_pre_hooks)
-        and not (beta_proj._forward_hooks or beta_proj._forward_pre_hooks)
-    )
 
 
 def build_state_compressor(config: DDLConfig, layer_idx: int, state_idx: int) -> nn.Module | None:

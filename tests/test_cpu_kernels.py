@@ -234,15 +234,9 @@ def projected_reference(state, direction, context, value_weight, value_bias, gat
 
 
 def projected_native(tensors: dict[str, torch.Tensor], erase: bool, scale: float | None) -> torch.Tensor:
-    """`delta_ops.projected_rewrite` on `tensors`, with the projections as `nn.Linear`s holding their weights."""
-    hidden, channels = tensors["value_weight"].shape[1], tensors["value_weight"].shape[0]
-    value_proj = torch.nn.Linear(hidden, channels, bias=tensors["value_bias"] is not None)
-    gate_proj = torch.nn.Linear(hidden, 1)
-    value_proj.weight, gate_proj.weight = tensors["value_weight"], tensors["gate_weight"]
-    value_proj.bias, gate_proj.bias = tensors["value_bias"], tensors["gate_bias"]
-    return delta_ops.projected_rewrite(
-        tensors["state"], tensors["direction"], tensors["context"], value_proj, gate_proj, 1e-5, erase, scale
-    )
+    """`delta_ops.projected_rewrite` on `tensors`."""
+    names = ("state", "direction", "context", "value_weight", "value_bias", "gate_weight", "gate_bias")
+    return delta_ops.projected_rewrite(*(tensors[name] for name in names), 1e-5, erase, scale)
 
 
 def as_parameters(tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
@@ -912,6 +906,23 @@ def test_decoding_calls_the_extension_only_where_it_may(change, cpp_extension, k
     expected = _decoding_operators(change)
     for got_tensor, expected_tensor in zip(got, expected):
         torch.testing.assert_close(got_tensor, expected_tensor, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("binding", ["ctypes", "extension"])
+def test_make_fx_traces_the_pytorch_operators(binding, kernel_calls, request):
+    # a dispatch mode (here make_fx's) sees no C call: a traced kernel would be baked into the graph as a constant
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    extension_calls = request.getfixturevalue("cpp_extension") if binding == "extension" else {}
+    residual = DDLDeltaResidual(tiny_config("ddl-cc"))
+    hidden = residual.value_proj.in_features
+    inputs = [rewrite_inputs((1, 2), hidden, 4)[:2] for _ in range(2)]
+    with torch.no_grad():
+        traced = make_fx(lambda state, direction: residual(state, direction, direction))(*inputs[0])
+        assert sum(kernel_calls.values()) + sum(extension_calls.values()) == 0
+        got, expected = traced(*inputs[1]), residual(*inputs[1], inputs[1][1])
+    assert sum(kernel_calls.values()) + sum(extension_calls.values()) == 1  # the eager call
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_built_extension_is_found_and_can_be_turned_off(built_extension, monkeypatch):
