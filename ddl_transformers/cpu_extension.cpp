@@ -91,9 +91,33 @@ torch::Tensor expansion_step(const torch::Tensor &window, const torch::Tensor &c
     return out.transpose(-1, -2);  // (B, 1, d, d_v), channel-major
 }
 
+torch::Tensor token_mix_step(const torch::Tensor &state, const torch::Tensor &conv_weight, const torch::Tensor &read,
+                             const torch::Tensor &history)
+{
+    if (state.dim() != 4 || state.size(1) != 1 || conv_weight.dim() != 3 || history.dim() != 4 || read.dim() != 1)
+        return {};
+    for (const auto *tensor : {&state, &conv_weight, &read, &history})
+        if (!plain_float32_cpu(*tensor))
+            return {};
+    const int64_t batch = state.size(0), hidden = state.size(2), channels = state.size(3);
+    const int64_t kernel_size = conv_weight.size(2);
+    const bool shapes_match = history.size(0) == batch && history.size(1) == kernel_size - 1 &&
+                              history.size(2) == hidden && history.size(3) == channels &&
+                              conv_weight.size(0) == hidden * channels && conv_weight.size(1) == 1 &&
+                              read.size(0) == channels;
+    if (!shapes_match || !conv_weight.is_contiguous() || !read.is_contiguous() || !channel_major(state))
+        return {};
+    auto out = torch::empty({batch, 1, hidden}, state.options());
+    ddl_token_mix_step(state.data_ptr<float>(), history.data_ptr<float>(), conv_weight.data_ptr<float>(),
+                       read.data_ptr<float>(), out.data_ptr<float>(), history.stride(0), history.stride(1),
+                       history.stride(2), history.stride(3), batch, hidden, channels, kernel_size);
+    return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module)
 {
     module.def("projected_rewrite", &projected_rewrite, "cpu_kernels.projected_rewrite as one C++ call");
     module.def("channel_mix", &channel_mix, "cpu_kernels.channel_mix as one C++ call");
     module.def("expansion_step", &expansion_step, "cpu_kernels.expansion_step as one C++ call");
+    module.def("token_mix_step", &token_mix_step, "cpu_kernels.token_mix_step as one C++ call");
 }

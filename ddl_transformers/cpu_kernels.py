@@ -572,7 +572,10 @@ def token_mix_step(
 ) -> torch.Tensor | None:
     """TC's read of one new token per sequence without autograd: `state` `(B, 1, d, d_v)` channel-major, `history`
     `(B, K - 1, d, d_v)` in any layout (the cache's), `conv_weight` `(d * d_v, 1, K)`, `read` `(d_v,)`. Returns
-    `(B, 1, d)`, or None where the kernel does not apply."""
+    `(B, 1, d)`, or None where the kernel does not apply. The C++ extension where it is built."""
+    cpp = extension()
+    if cpp is not None and all(type(tensor) in _PLAIN for tensor in (state, conv_weight, read, history)):
+        return cpp.token_mix_step(state, conv_weight, read, history)
     if state.dim() != 4 or state.shape[1] != 1 or conv_weight.dim() != 3 or history.dim() != 4:
         return None
     batch, _, hidden, channels = state.shape

@@ -695,7 +695,13 @@ def fused_token_mix(
     `_token_conv`); causal zero padding is the convolution's own. On the CPU, training takes `_FusedTokenConv` (C
     calls with the native implementation); with the Triton implementation, the convolution and its backward are
     Triton kernels. One decoded token is a single multiply-and-sum over its window instead."""
-    if history is not None and states.shape[1] == 1 and not _needs_grad(states, conv_weight, read, history):
+    one_token = history is not None and states.shape[1] == 1
+    cpp = _decoding_extension(states, conv_weight, read, history) if one_token else None
+    if cpp is not None:  # decoding: straight to the C++ call (None where it declines the inputs)
+        mixed = cpp.token_mix_step(states, conv_weight, read, history)
+        if mixed is not None:
+            return mixed
+    if one_token and not _needs_grad(states, conv_weight, read, history):
         mixed = _native("token_mix_step", states, states, conv_weight, read, history)  # decoding: one call
         if mixed is not None:
             return mixed

@@ -772,7 +772,7 @@ def built_extension():
 def cpp_extension(built_extension, monkeypatch) -> dict[str, int]:
     """The model's decoding kernels run through the extension while the test runs; counts its calls that returned a
     result."""
-    calls = {"projected_rewrite": 0, "channel_mix": 0, "expansion_step": 0}
+    calls = {"projected_rewrite": 0, "channel_mix": 0, "expansion_step": 0, "token_mix_step": 0}
 
     def counting(name: str):
         def counted(*args):
@@ -856,8 +856,8 @@ DECODING_CHANGES = ["none", "fused implementation", "vmap", "forward AD", "autoc
 
 
 def _decoding_operators(change: str):
-    """The three decoding operators the model calls straight into the extension, on one token's inputs, run under
-    `change` (a setting in which none of them may call a kernel)."""
+    """The four decoding operators the model calls straight into the extension, on one token's inputs, run under
+    `change` (a setting in which none of them may call a kernel, except where the test says)."""
     torch.manual_seed(0)
     residual = DDLDeltaResidual(tiny_config("ddl-cc"))
     hidden = residual.value_proj.in_features
@@ -865,11 +865,14 @@ def _decoding_operators(change: str):
     context, mix_weight = torch.randn_like(direction), torch.randn(hidden, 4)
     window, conv_weight = torch.randn(1, hidden, 3).transpose(1, 2), torch.randn(hidden * 4, 1, 3)
 
+    history, token_weight, read = torch.randn(1, 2, hidden, 4), torch.randn(hidden * 4, 1, 3), torch.randn(4)
+
     def run(state, direction, window):
         return (
             residual(state, direction, context),
             delta_ops.fused_channel_mix(state, mix_weight),
             delta_ops.fused_expand_embeddings(window, conv_weight),
+            delta_ops.fused_token_mix(state, token_weight, read, history),
         )
 
     if change == "subclass":
@@ -896,10 +899,11 @@ class SubclassedTensor(torch.Tensor):
 @pytest.mark.parametrize("change", DECODING_CHANGES)
 def test_decoding_calls_the_extension_only_where_it_may(change, cpp_extension, kernel_calls):
     got = _decoding_operators(change)
-    if change in ("none", "autocast"):  # the read and the expansion keep the state's dtype under autocast
-        assert cpp_extension == {"projected_rewrite": int(change == "none"), "channel_mix": 1, "expansion_step": 1}
-    elif change == "autograd":  # the read's forward, inside its autograd node
-        assert cpp_extension == {"projected_rewrite": 0, "channel_mix": 1, "expansion_step": 0}
+    if change in ("none", "autocast"):  # the reads and the expansion keep the state's dtype under autocast
+        calls = {"projected_rewrite": int(change == "none"), "channel_mix": 1, "expansion_step": 1}
+        assert cpp_extension == {**calls, "token_mix_step": 1}
+    elif change == "autograd":  # CC's read's forward, inside its autograd node
+        assert cpp_extension == {"projected_rewrite": 0, "channel_mix": 1, "expansion_step": 0, "token_mix_step": 0}
     else:
         assert cpp_extension == dict.fromkeys(cpp_extension, 0)
     delta_ops.set_implementation("fused")  # the same, in PyTorch operators only
@@ -1032,6 +1036,26 @@ def _layout_cases() -> dict[str, tuple]:
         "2-d window": (window[0], conv_weight),
     }
     cases |= {f"expansion step, {name}": ("expansion_step", args) for name, args in steps.items()}
+    state, token_weight, read = (
+        channel_major_state(2, 1, hidden, channels),
+        torch.randn(hidden * channels, 1, 3),
+        weight[0],
+    )
+    history = torch.randn(2, channels * hidden, 2).transpose(1, 2).unflatten(-1, (channels, hidden)).transpose(-1, -2)
+    token_steps = {
+        "the cache's layout": (state, token_weight, read, history),
+        "contiguous history": (state, token_weight, read, history.contiguous()),
+        "broadcast history": (state, token_weight, read, history[:1].expand(2, -1, -1, -1)),
+        "history of K - 2": (state, token_weight, read, history[:, 1:]),
+        "row-major state": (state.contiguous(), token_weight, read, history),
+        "two tokens": (channel_major_state(2, 2, hidden, channels), token_weight, read, history),
+        "strided read": (state, token_weight, torch.randn(2 * channels)[::2], history),
+        "strided weight": (state, torch.randn(hidden * channels, 1, 6)[..., ::2], read, history),
+        "weight of another width": (state, torch.randn(hidden * channels + 1, 1, 3), read, history),
+        "float64 history": (state, token_weight, read, history.double()),
+        "lazily negated history": (state, token_weight, read, torch._neg_view(history)),
+    }
+    cases |= {f"token mix step, {name}": ("token_mix_step", args) for name, args in token_steps.items()}
     return cases
 
 
