@@ -412,6 +412,11 @@ def _projection_shapes_match(
     )
 
 
+def _value_activation(value_scale: float | None) -> tuple[int, float]:
+    """The C kernels' `(value_sigmoid, value_scale)` for a target `value_scale * sigmoid(.)`, or as it is for None."""
+    return int(value_scale is not None), 1.0 if value_scale is None else value_scale
+
+
 def takes_projected_rewrite(
     state: torch.Tensor,
     direction: torch.Tensor,
@@ -449,7 +454,7 @@ def projected_rewrite_forward(
     beta = _empty_float32(*scale.shape)
     pointers = (*_pointers(state, direction, context, value_weight), _pointer(value_bias))
     pointers += (*_pointers(gate_weight, gate_bias, new_state, beta, scale), _pointer(read), *_pointers(target, coef))
-    value_sigmoid, value_scale = int(value_scale is not None), 1.0 if value_scale is None else value_scale
+    value_sigmoid, value_scale = _value_activation(value_scale)
     load().ddl_projected_rewrite_forward(
         *pointers, tokens, hidden, channels, eps, int(erase), value_sigmoid, value_scale, torch.get_num_threads()
     )
@@ -480,7 +485,7 @@ def projected_rewrite_backward(
     state_rows = channels if erase else grad  # not read without the erase term
     pointers = (*_pointers(grad, state_rows, h, scale, beta), _pointer(read), target.data_ptr())
     pointers += (_pointer(grad_state if erase else None), *_pointers(grad_h, grad_logits))
-    value_sigmoid, value_scale = int(value_scale is not None), 1.0 if value_scale is None else value_scale
+    value_sigmoid, value_scale = _value_activation(value_scale)
     load().ddl_projected_rewrite_backward(
         *pointers, tokens, hidden, value_channels, int(erase), value_sigmoid, value_scale, torch.get_num_threads()
     )
@@ -517,7 +522,7 @@ def projected_rewrite(
     out = torch.empty_like(state)
     pointers = (*_pointers(state, direction, context, value_weight), _pointer(value_bias))
     pointers += _pointers(gate_weight, gate_bias, out)
-    value_sigmoid, value_scale = int(value_scale is not None), 1.0 if value_scale is None else value_scale
+    value_sigmoid, value_scale = _value_activation(value_scale)
     load().ddl_projected_rewrite(
         *pointers, tokens, hidden, channels, eps, int(erase), value_sigmoid, value_scale, torch.get_num_threads()
     )

@@ -204,10 +204,9 @@ class DDLTokenCompressor(nn.Module):
         history = None
         if cache is not None:  # the cache keeps inputs channel-major, time last: (B, d_v * d, K - 1)
             window = self.token_conv.cached_window(channel_major(state).flatten(2).transpose(1, 2), cache)
-            if window is not None:
-                history = window[..., : self.token_conv.kernel_size - 1]  # (B, d_v * d, K - 1)
-                history = history.transpose(1, 2).unflatten(-1, (value_channels, hidden)).transpose(-1, -2)
-                # (B, K - 1, d, d_v)
+            if window is not None:  # its history (B, d_v * d, K - 1) as (B, K - 1, d, d_v)
+                history = window[..., : self.token_conv.kernel_size - 1].transpose(1, 2)
+                history = history.unflatten(-1, (value_channels, hidden)).transpose(-1, -2)
         return token_mix_function()(state, self.token_conv.weight, self.read, history)  # (B, T, d)
 
 
